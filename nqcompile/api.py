@@ -1,0 +1,106 @@
+"""User entry points: :func:`optimize` a model, or :func:`compress_kv_cache` an existing cache."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .attention import register_attention
+from .cache import NexusCache
+from .presets import Preset, get_preset
+
+__all__ = ["optimize", "compress_kv_cache"]
+
+
+def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **overrides: Any) -> torch.nn.Module:
+    """Prepare a HuggingFace causal LM so that ``model.generate(...)`` runs with a compressed cache.
+
+    It registers the ``"nexusquant"`` attention (transformers' ``AttentionInterface``), switches the model
+    to it, and wraps this model's ``generate`` so that a :class:`~nqcompile.NexusCache` sized for the
+    prompt plus ``max_new_tokens`` is built when no ``past_key_values`` is passed; a ``NexusCache`` passed
+    to continue a conversation gets room for the new turn. The model's weights and dtype are untouched,
+    and it still runs exactly with a plain ``DynamicCache``.
+
+    Args:
+        model: a decoder-only ``PreTrainedModel`` with rotary attention.
+        preset: a name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
+        **overrides: :class:`~nqcompile.Preset` fields to change.
+
+    Returns:
+        the same model object, ready for ``generate``.
+
+    Raises:
+        ValueError: unsupported model (encoder-decoder, no rotary attention, unsupported rope type or
+            head_dim), unknown preset or field value.
+    """
+    chosen = get_preset(preset, **overrides)
+    NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
+    model.set_attn_implementation(register_attention())
+    original = getattr(model.generate, "__nqcompile_original__", model.generate)
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        bound = inspect.signature(original).bind_partial(*args, **kwargs)
+        inputs = bound.arguments.get("inputs", kwargs.get("input_ids"))
+        cache = kwargs.get("past_key_values")
+        if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
+            config = kwargs.get("generation_config") or model.generation_config
+            new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+            if new_tokens is None:
+                raise ValueError("pass max_new_tokens so that the NexusCache can be sized (prompt + new tokens)")
+            if cache is None:
+                kwargs["past_key_values"] = NexusCache(model.config, chosen,
+                                                       max_cache_len=inputs.shape[-1] + new_tokens)
+            else:
+                cache.reserve(inputs.shape[-1] - cache.get_seq_length() + new_tokens)
+        return original(*args, **kwargs)
+
+    generate.__nqcompile_original__ = original
+    model.generate = generate
+    model.nqcompile_preset = chosen
+    return model
+
+
+def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", *, config,
+                      attention_mask: torch.Tensor | None = None, max_cache_len: int | None = None,
+                      **overrides: Any) -> NexusCache:
+    """Turn a ``DynamicCache`` filled by a prefill into a :class:`~nqcompile.NexusCache`.
+
+    The prefill's tokens are compressed as one chunk: sinks and recent window kept exact, the middle
+    evicted (``key_norm`` scorer: no queries are available here) and quantized.
+
+    Args:
+        cache: a ``DynamicCache`` holding ``[B, Hkv, L, D]`` keys and values in every layer.
+        preset: name or :class:`~nqcompile.Preset`.
+        config: the model's config.
+        attention_mask: ``[B, L]`` 2D padding mask of the prefill (1 = real token), default all real;
+            positions are ``cumsum(mask) - 1`` as transformers' ``generate`` computes them.
+        max_cache_len: logical capacity for what follows (default: grow as needed).
+        **overrides: :class:`~nqcompile.Preset` fields.
+
+    Raises:
+        ValueError: the preset evicts with the ``observation`` scorer (it needs the prefill's queries;
+            pass ``scorer="key_norm"``), or the cache holds layers of another kind.
+    """
+    chosen = get_preset(preset, **overrides)
+    if chosen.eviction_ratio > 0 and chosen.scorer == "observation":
+        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_norm' or "
+                         "eviction_ratio=0, or let an optimized model compress during its prefill")
+    out = NexusCache(config, chosen, max_cache_len=max_cache_len)
+    if len(cache.layers) != len(out.layers):
+        raise ValueError(f"cache has {len(cache.layers)} layers, the config {len(out.layers)}")
+    for src, dst in zip(cache.layers, out.layers):
+        keys, values = src.keys, src.values
+        if keys is None or keys.numel() == 0:
+            raise ValueError("compress_kv_cache needs a cache filled by a prefill")
+        mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device) \
+            if attention_mask is None else attention_mask.to(device=keys.device, dtype=torch.bool)
+        if hasattr(dst, "ingest"):
+            dst.ingest(keys, values, real=mask, positions=(mask.long().cumsum(-1) - 1).clamp(min=0))
+        else:
+            dst.update(keys, values)
+    return out

@@ -1,0 +1,88 @@
+"""The ``nexusquant`` attention implementation, registered with transformers' ``AttentionInterface``.
+
+Every attention module of a model calls ``cache.update(...)`` and then the attention function of
+``config._attn_implementation`` on the tensors ``update`` returned. When those tensors come from a
+:class:`~nqcompile.cache.NexusLayer`, :func:`nexus_attention_forward` hands the query to that layer, which
+attends over its packed codes, exact sinks, exact window and the new tokens through
+``nqcompile::dequant_attention`` and then stores the new tokens. For any other cache layer (a plain
+``DynamicCache``, a sliding-window layer left as it is) it is transformers' own SDPA attention.
+
+The mask function registered under the same name with ``AttentionMaskInterface`` is transformers'
+``sdpa_mask``: a compressed layer only reads from it which of the new tokens are padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import claim_layer
+
+__all__ = ["ATTN_IMPLEMENTATION", "nexus_attention_forward", "register_attention"]
+
+#: Name under which the attention and mask functions are registered.
+ATTN_IMPLEMENTATION = "nexusquant"
+
+
+def _new_token_flags(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
+    """``[B, q]`` bool, False for padding among the new tokens, read off the diagonal of the 4D mask."""
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"nexusquant attention expects a 4D mask or None, got shape {tuple(attention_mask.shape)}")
+    kv = attention_mask.shape[-1]
+    idx = torch.arange(q_len, device=device)
+    diag = attention_mask[:, 0, idx, kv - q_len + idx]  # [B, q]
+    flags = diag if diag.dtype == torch.bool else diag == 0
+    return flags.expand(batch, q_len)
+
+
+def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over a :class:`~nqcompile.NexusCache` layer, or SDPA for any other cache.
+
+    Args:
+        module: the attention module (transformers passes itself).
+        query: ``[B, Hq, q, D]``; key, value: ``[B, Hkv, q, D]`` as returned by the cache's ``update``.
+        attention_mask: the 4D boolean mask from ``sdpa_mask`` (``[B, 1, q, kv]``) or ``None``.
+        dropout: must be 0 for a compressed layer (inference only).
+        scaling: softmax scale, default ``head_dim ** -0.5``.
+        **kwargs: ``position_ids`` (``[B or 1, q]``) is read; others are passed to SDPA for plain layers.
+
+    Returns:
+        ``(attn_output [B, q, Hq, D], None)`` like transformers' attention functions.
+
+    Raises:
+        NotImplementedError: ``output_attentions=True`` or dropout on a compressed layer.
+    """
+    layer = claim_layer(key)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise NotImplementedError("nexusquant attention is inference-only; call model.eval()")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("nexusquant attention does not return attention weights")
+    batch, _, q_len, head_dim = query.shape
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(q_len, device=query.device)[None] + layer.get_seq_length()
+    positions = positions.to(torch.int64).expand(batch, q_len)
+    real = _new_token_flags(attention_mask, batch, q_len, query.device)
+    out = layer.attend(query, real=real, positions=positions,
+                       scaling=scaling if scaling is not None else head_dim**-0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Register ``"nexusquant"`` with ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent).
+
+    Returns:
+        the implementation name to set as ``config._attn_implementation``.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, nexus_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,570 @@
+"""``NexusCache``: a ``transformers.Cache`` whose layers hold packed E8 codes instead of float keys/values.
+
+Each compressed layer (:class:`NexusLayer`) holds, per sequence of the batch:
+
+* ``sink_tokens`` attention sinks, exact, in the model's dtype (``sink_k``, ``sink_v``);
+* the compressed past: packed codes, one-byte scales and (when evicting) positions, in preallocated
+  buffers of static capacity laid out as :mod:`nqcompile.ops` documents;
+* a recent window of ``recent_window`` exact tokens (``win_k``, ``win_v``) with their positions.
+
+Two lengths are never confused: the logical length (tokens seen, padding included; what
+``get_seq_length()``, positions and ``generate``'s input slicing use) and the physical length (tokens
+kept; what attention reads).
+
+Life of a token. A prefill chunk attends exactly to itself and to what the cache already holds. When its
+attention is done (inside the same attention call, so no extra forward), the layer compresses what it
+holds exactly: the first chunk's first ``sink_tokens`` become sinks, the last ``recent_window`` tokens
+become the window, and the tokens in between are scored (observation-window attention or key norm),
+``eviction_ratio`` of them are dropped, and the rest are RoPE-removed, normalized per channel,
+Hadamard-rotated, E8-quantized and packed into the code buffers. No float copy survives. A decode token
+enters the window; when the window is full its oldest 16 tokens are flushed into codes (never evicted).
+A later chunk (the next turn) is compressed the same way; codes already written are never touched again.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from . import ops
+from .codec.hadamard import hadamard_matrix
+from .codec.lattice import code_for
+from .codec.rope import RotarySpec, apply_rotary
+from .policy import layer_eviction_ratios, make_scorer, select_kept
+from .presets import BLOCK_TOKENS, Preset, get_preset
+
+__all__ = ["NexusCache", "NexusLayer", "CacheMemoryReport"]
+
+
+class _Handoff(threading.local):
+    """Links a layer's ``update`` to the attention call that follows it in the same attention module."""
+
+    layer: "NexusLayer | None" = None
+    key: torch.Tensor | None = None
+
+
+_HANDOFF = _Handoff()
+
+
+def claim_layer(key: torch.Tensor) -> "NexusLayer | None":
+    """Return the :class:`NexusLayer` whose ``update`` just returned ``key`` (and forget it), else ``None``."""
+    layer, expected = _HANDOFF.layer, _HANDOFF.key
+    _HANDOFF.layer = _HANDOFF.key = None
+    return layer if expected is key else None
+
+
+@dataclass(frozen=True)
+class CacheMemoryReport:
+    """What a :class:`NexusCache` holds, in bytes counted from the ``nbytes`` of every tensor it owns.
+
+    Attributes:
+        logical_tokens: tokens seen per sequence (padding included), first layer.
+        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + window), first
+            compressed layer.
+        allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
+            positions, exact sinks and window, lengths, normalization statistics, codec constants).
+        unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
+        bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
+            (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
+        compression_ratio: ``bf16_bytes / allocated_bytes``.
+    """
+
+    logical_tokens: int
+    physical_tokens: int
+    allocated_bytes: int
+    unused_capacity_bytes: int
+    bf16_bytes: int
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bf16_bytes / self.allocated_bytes if self.allocated_bytes else float("nan")
+
+    def __str__(self) -> str:
+        mib = 2.0**20
+        return "\n".join([
+            f"logical tokens (per sequence)     {self.logical_tokens:>12,}",
+            f"physical tokens (all sequences)   {self.physical_tokens:>12,}",
+            f"bf16 cache of the same tokens     {self.bf16_bytes / mib:>12.3f} MiB",
+            f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
+            f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
+            f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
+        ])
+
+
+class NexusLayer(CacheLayerMixin):
+    """One attention layer's compressed key/value cache (see the module docstring for the life of a token).
+
+    Args:
+        preset: the cache's :class:`~nqcompile.presets.Preset`.
+        bits: ``(key_bits, value_bits)`` for this layer, or ``None`` for exact storage.
+        eviction_ratio: fraction of each chunk's tokens evicted in this layer.
+        rotary: the layer's :class:`~nqcompile.codec.rope.RotarySpec`.
+        max_cache_len: logical capacity in tokens per sequence (prompt + new tokens), or ``None`` to let the
+            code buffers grow at chunk ends.
+
+    Raises:
+        ValueError: ``max_cache_len`` exceeded (the message gives the numbers).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, eviction_ratio: float, rotary: RotarySpec,
+                 max_cache_len: int | None):
+        super().__init__()
+        self.preset = preset
+        self.kind = "exact" if bits is None else preset.codec
+        self.key_bits, self.value_bits = bits if bits is not None else (0, 0)
+        self.eviction_ratio = eviction_ratio
+        self.rotary = rotary
+        self.max_cache_len = max_cache_len
+        self.scorer = make_scorer(preset.scorer, observation_window=preset.observation_window)
+        self.logical_len = 0
+        self.chunks = 0
+        self._host_code_len: list[int] = []
+        self._host_win_len: list[int] = []
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ transformers Cache layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.batch, self.heads, self.head_dim = batch, heads, dim
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.kind != "exact":
+            code_for(self.kind, self.key_bits)  # fail early on an unsupported combination
+        kw = dict(dtype=self.dtype, device=self.device)
+        s, r = self.preset.sink_tokens, self.preset.recent_window
+        self.sink_k = torch.zeros(batch, heads, s, dim, **kw)
+        self.sink_v = torch.zeros(batch, heads, s, dim, **kw)
+        self.sink_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.win_k = torch.zeros(batch, heads, r, dim, **kw)
+        self.win_v = torch.zeros(batch, heads, r, dim, **kw)
+        self.win_pos = torch.zeros(batch, r, dtype=torch.int64, device=self.device)
+        self.win_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.code_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.code_pos0 = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.hadamard = hadamard_matrix(dim, device=self.device)
+        self.inv_freq = self.rotary.inv_freq.to(self.device)
+        self.norm_mean = torch.zeros(batch, heads, dim, dtype=torch.float32, device=self.device)
+        self.norm_scale = torch.ones(batch, heads, dim, dtype=torch.float32, device=self.device)
+        self._allocate_codes(0)
+        self._host_code_len = [0] * batch
+        self._host_win_len = [0] * batch
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Stage the new keys/values ``[B, H, q, D]`` for the attention call that follows; returns them unchanged.
+
+        Nothing is stored here: the ``nexusquant`` attention function (which receives these very tensors)
+        writes them through :meth:`attend`, where positions and padding are known.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch or key_states.dtype != self.dtype:
+            raise ValueError(
+                f"NexusCache layer holds batch {self.batch} in {self.dtype}, got keys of batch {key_states.shape[0]} "
+                f"in {key_states.dtype}; use one cache per batch and keep the model's dtype"
+            )
+        self._pending = (key_states, value_states)
+        _HANDOFF.layer, _HANDOFF.key = self, key_states
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.logical_len
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_len + query_length, 0
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.lazy_initialization(self.sink_k, self.sink_v)
+        self.logical_len = self.chunks = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("NexusCache does not support beam search yet; use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("NexusCache cannot be cropped (evicted and quantized tokens cannot be rolled back); "
+                                  "assisted/speculative decoding is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("NexusCache cannot be expanded after prefill; expand the inputs instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("NexusCache does not support batch selection (contrastive search)")
+
+    def ingest(self, key: torch.Tensor, value: torch.Tensor, *, real: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store a first chunk of keys/values ``[B, H, L, D]`` without attention (used by ``compress_kv_cache``).
+
+        Args:
+            real: ``[B, L]`` bool padding flags. positions: ``[B, L]`` int64 RoPE positions.
+
+        Raises:
+            ValueError: the layer already holds tokens, or the scorer needs queries.
+        """
+        if self.chunks:
+            raise ValueError("ingest() only fills an empty layer")
+        if self.evicting and self.preset.scorer != "key_norm":
+            raise ValueError("ingest() has no queries: use scorer='key_norm' or no eviction")
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        self._check_logical(key.shape[2])
+        self._compress(None, key, value, real, positions, key.shape[-1] ** -0.5)
+        self.chunks = 1
+        self.logical_len = key.shape[2]
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def evicting(self) -> bool:
+        return self.eviction_ratio > 0.0
+
+    def _code_row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+        if self.kind == "exact":
+            return (self.head_dim,), (self.head_dim,), self.dtype
+        return (self.key_bits * self.head_dim // 8,), (self.value_bits * self.head_dim // 8,), torch.uint8
+
+    def _position_dtype(self) -> torch.dtype:
+        small = self.max_cache_len is not None and self.max_cache_len <= torch.iinfo(torch.int16).max
+        return torch.int16 if small else torch.int32
+
+    def _allocate_codes(self, capacity: int) -> None:
+        """(Re)allocate the code buffers with ``capacity`` token slots, copying what is held bit for bit."""
+        krow, vrow, dtype = self._code_row_shapes()
+        b, h = self.batch, self.heads
+        scale_cap = 0 if self.kind == "exact" else capacity
+        new = {
+            "k_codes": torch.zeros(b, h, capacity, *krow, dtype=dtype, device=self.device),
+            "v_codes": torch.zeros(b, h, capacity, *vrow, dtype=dtype, device=self.device),
+            "k_scales": torch.zeros(b, h, scale_cap, dtype=torch.uint8, device=self.device),
+            "v_scales": torch.zeros(b, h, scale_cap, dtype=torch.uint8, device=self.device),
+        }
+        if self.evicting:
+            new["code_pos"] = torch.zeros(b, h, capacity, dtype=self._position_dtype(), device=self.device)
+        for name, tensor in new.items():
+            old = getattr(self, name, None)
+            if old is not None and old.shape[2] > 0:
+                tensor[:, :, : old.shape[2]] = old
+            setattr(self, name, tensor)
+        self.capacity = capacity
+
+    def _ensure_capacity(self, needed: int) -> None:
+        """Make room for ``needed`` physical tokens per sequence, plus the remaining decode budget."""
+        if needed <= self.capacity:
+            return
+        if self.max_cache_len is not None:
+            target = needed + max(0, self.max_cache_len - self.logical_len)
+        else:
+            target = max(needed, int(self.capacity * 1.5))
+        self._allocate_codes(math.ceil(target / BLOCK_TOKENS) * BLOCK_TOKENS)
+
+    def _check_logical(self, new_tokens: int) -> None:
+        if self.max_cache_len is not None and self.logical_len + new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"NexusCache is full: it holds {self.logical_len} tokens and was built with "
+                f"max_cache_len={self.max_cache_len}; {new_tokens} more do not fit. Build it with a larger "
+                "max_cache_len (prompt length + max_new_tokens)"
+            )
+
+    def _codec_args(self) -> tuple:
+        r = self.rotary
+        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, self.key_bits,
+                self.value_bits, float(r.attention_scaling), int(r.rotary_dim), r.layout)
+
+    def _code_positions(self) -> torch.Tensor:
+        if self.evicting:
+            return self.code_pos
+        slots = torch.arange(self.capacity, device=self.device)
+        return (self.code_pos0[:, None] + slots[None, :])[:, None, :]
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, query: torch.Tensor, *, real: torch.Tensor, positions: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention for the staged keys/values, then storage of them.
+
+        Args:
+            query: ``[B, Hq, q, D]`` post-RoPE queries.
+            real: ``[B, q]`` bool, False for padding tokens of a chunk.
+            positions: ``[B, q]`` int64 RoPE positions of the new tokens.
+            scaling: softmax scale.
+
+        Returns:
+            ``[B, Hq, q, D]`` attention output in the query's dtype.
+        """
+        if self._pending is None:
+            raise RuntimeError("NexusLayer.attend called without a preceding update()")
+        key, value = self._pending
+        self._pending = None
+        q_len = key.shape[2]
+        self._check_logical(q_len)
+        self.rotary.check_length(self.logical_len + q_len)
+        if q_len == 1 and self.chunks > 0:
+            out = self._decode(query, key, value, positions, scaling)
+        else:
+            out = self._chunk(query, key, value, real, positions, scaling)
+        self.logical_len += q_len
+        return out
+
+    def _exact_segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sinks and window: keys/values ``[B, H, S + R, D]`` and validity ``[B, S + R]``."""
+        s, r = self.sink_k.shape[2], self.win_k.shape[2]
+        valid = torch.cat([torch.arange(s, device=self.device)[None] < self.sink_len[:, None],
+                           torch.arange(r, device=self.device)[None] < self.win_len[:, None]], dim=1)
+        return torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), valid
+
+    def _decode(self, query, key, value, positions, scaling) -> torch.Tensor:
+        window = self.win_k.shape[2]
+        if max(self._host_win_len) >= window:
+            self._flush_block()
+        b = torch.arange(self.batch, device=self.device)
+        self.win_k[b, :, self.win_len] = key[:, :, 0]
+        self.win_v[b, :, self.win_len] = value[:, :, 0]
+        self.win_pos[b, self.win_len] = positions[:, 0]
+        self.win_len += 1
+        self._host_win_len = [n + 1 for n in self._host_win_len]
+        ek, ev, valid = self._exact_segment()
+        return ops.dequant_attention(query, self.k_codes, self.k_scales, self.v_codes, self.v_scales,
+                                     self._code_positions(), self.code_len, ek, ev, valid[:, None, :],
+                                     *self._codec_args(), scaling)
+
+    def _flush_block(self) -> None:
+        """Move the oldest 16 window tokens of every sequence whose window is full into codes."""
+        full = torch.tensor([n >= self.win_k.shape[2] for n in self._host_win_len], device=self.device)
+        count = full.to(torch.int64) * BLOCK_TOKENS
+        self._ensure_capacity(max(c + BLOCK_TOKENS for c in self._host_code_len))
+        k_blk, v_blk = self.win_k[:, :, :BLOCK_TOKENS], self.win_v[:, :, :BLOCK_TOKENS]
+        pos = self.win_pos[:, None, :BLOCK_TOKENS].expand(-1, self.heads, -1)
+        self._write(k_blk, v_blk, pos, count)
+        shifted = lambda x, dim: torch.where(full.view(-1, *[1] * (x.dim() - 1)), x.roll(-BLOCK_TOKENS, dim), x)
+        self.win_k, self.win_v = shifted(self.win_k, 2), shifted(self.win_v, 2)
+        self.win_pos = shifted(self.win_pos, 1)
+        self.win_len -= count
+        self._host_win_len = [n - BLOCK_TOKENS if n >= self.win_k.shape[2] else n for n in self._host_win_len]
+
+    def _write(self, key, value, positions, count) -> None:
+        """Quantize and append ``count[b]`` tokens ``[B, H, n, D]`` at each sequence's physical end."""
+        ops.write_kv(self.k_codes, self.k_scales, self.v_codes, self.v_scales, key, value,
+                     positions.to(torch.int64), self.code_len, count, *self._codec_args())
+        if not self.evicting:
+            starts = (self.code_len == 0) & (count > 0)
+            self.code_pos0 = torch.where(starts, positions[:, 0, 0].to(torch.int64), self.code_pos0)
+        else:
+            j = torch.arange(key.shape[2], device=self.device)
+            b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
+            self.code_pos[b_idx, :, self.code_len[b_idx] + j_idx] = positions[b_idx, :, j_idx].to(self.code_pos.dtype)
+        self.code_len += count
+        self._host_code_len = [c + n for c, n in zip(self._host_code_len, count.tolist())]
+
+    def _chunk(self, query, key, value, real, positions, scaling) -> torch.Tensor:
+        q_len = key.shape[2]
+        ek, ev, valid = self._exact_segment()
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
+        own = (causal[None] & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=self.device)[None]
+        mask = torch.cat([valid[:, None, :].expand(-1, q_len, -1), own], dim=-1)
+        out = ops.dequant_attention(query, self.k_codes, self.k_scales, self.v_codes, self.v_scales,
+                                    self._code_positions(), self.code_len, torch.cat([ek, key], 2),
+                                    torch.cat([ev, value], 2), mask, *self._codec_args(), scaling)
+        self._compress(query, key, value, real, positions, scaling)
+        self.chunks += 1
+        return out
+
+    def _compress(self, query, key, value, real, positions, scaling) -> None:
+        """Split window + chunk into sinks (first chunk), kept-and-quantized middle and the new window."""
+        s_cap, r_cap = self.sink_k.shape[2], self.win_k.shape[2]
+        q_len = key.shape[2]
+        pk, pv = torch.cat([self.win_k, key], 2), torch.cat([self.win_v, value], 2)
+        ppos = torch.cat([self.win_pos, positions.to(torch.int64)], 1)
+        preal = torch.cat([torch.arange(r_cap, device=self.device)[None] < self.win_len[:, None], real], 1)
+        rank = preal.cumsum(1) - 1
+        n_real = preal.sum(1)
+        n_sink = n_real.clamp(max=s_cap) if self.chunks == 0 else torch.zeros_like(n_real)
+        n_win = (n_real - n_sink).clamp(max=r_cap)
+        is_sink = preal & (rank < n_sink[:, None])
+        is_win = preal & (rank >= (n_real - n_win)[:, None])
+        middle = preal & ~is_sink & ~is_win
+        if self.chunks == 0:
+            self._set_norm(pk, ppos, preal)
+            self._take(is_sink, pk, pv, None, "sink")
+            self.sink_len = n_sink
+        budget = (n_real.double() * (1.0 - self.eviction_ratio)).round().long() - n_sink - n_win
+        if self.evicting:
+            time = torch.arange(r_cap + q_len, device=self.device)
+            qtime = torch.where(real, time[r_cap:][None], torch.full_like(real, -1, dtype=torch.int64))
+            scores = self.scorer.score(query=query, key=pk, query_time=qtime, key_time=time[None].expand_as(preal),
+                                       key_valid=preal, scaling=scaling)
+            index, count = select_kept(scores, middle, budget.clamp(min=0), pooling_kernel=self.preset.pooling_kernel)
+        else:
+            count = middle.sum(1)
+            index = _ordered_index(middle, int(count.max()))[:, None].expand(-1, self.heads, -1)
+            self._check_contiguous(ppos, index, count)
+        host_count = count.tolist()
+        self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, host_count)))
+        kept_pos = ppos[:, None, :].expand(-1, self.heads, -1).gather(2, index)
+        self._write(ops.gather_tokens(pk, index), ops.gather_tokens(pv, index), kept_pos, count)
+        self._take(is_win, pk, pv, ppos, "win")
+        self.win_len = n_win
+        self._host_win_len = n_win.tolist()
+
+    def _take(self, select: torch.Tensor, pk, pv, ppos, prefix: str) -> None:
+        """Copy the selected tokens (``select`` ``[B, L]``, in order) into the sink or window buffers."""
+        buf_k = getattr(self, f"{prefix}_k")
+        cap = buf_k.shape[2]
+        index = _ordered_index(select, cap)
+        keep = torch.arange(cap, device=self.device)[None] < select.sum(1, keepdim=True)
+        hidx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        k = torch.where(keep[:, None, :, None], pk.gather(2, hidx), torch.zeros((), dtype=pk.dtype))
+        v = torch.where(keep[:, None, :, None], pv.gather(2, hidx), torch.zeros((), dtype=pv.dtype))
+        setattr(self, f"{prefix}_k", k.contiguous())
+        setattr(self, f"{prefix}_v", v.contiguous())
+        if ppos is not None:
+            setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
+
+    def _set_norm(self, pk, ppos, preal) -> None:
+        """Per-(sequence, KV head, channel) mean and scale of the pre-RoPE keys of the first chunk's real tokens."""
+        if self.kind == "exact" or self.preset.key_norm == "none":
+            return
+        r = self.rotary
+        pre = apply_rotary(pk.float(), ppos[:, None, :], self.inv_freq, attention_scaling=r.attention_scaling,
+                           rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
+        w = preal[:, None, :, None].float()
+        n = w.sum(2).clamp(min=1.0)
+        mean = (pre * w).sum(2) / n
+        var = (((pre - mean[:, :, None]) ** 2) * w).sum(2) / n
+        self.norm_mean = mean
+        self.norm_scale = var.sqrt().clamp(min=1e-4 * (var.mean(-1, keepdim=True).sqrt() + 1e-12))
+
+    def _check_contiguous(self, ppos, index, count) -> None:
+        """Without eviction, code positions are implicit (``code_pos0 + slot``): check that they really are."""
+        if int(count.max()) == 0:
+            return
+        got = ppos.gather(1, index[:, 0])
+        first = torch.where(self.code_len == 0, got[:, 0], self.code_pos0)
+        expected = first[:, None] + self.code_len[:, None] + torch.arange(index.shape[2], device=self.device)
+        ok = (got == expected) | (torch.arange(index.shape[2], device=self.device)[None] >= count[:, None])
+        if not bool(ok.all()):
+            raise ValueError("without eviction NexusCache stores positions implicitly and needs consecutive "
+                             "position_ids per sequence; got non-consecutive ones (use eviction_ratio > 0)")
+
+    # ------------------------------------------------------------------ accounting
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer holds, by attribute name."""
+        if not self.is_initialized:
+            return {}
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def unused_bytes(self) -> int:
+        """Bytes preallocated for code, sink and window slots not holding a token yet."""
+        per_slot = sum(t[:, :, :1].nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales)
+                       if t.shape[2]) // max(self.batch, 1)
+        if self.evicting:
+            per_slot += self.code_pos[:, :, :1].nbytes // max(self.batch, 1)
+        free_codes = sum(self.capacity - c for c in self._host_code_len)
+        exact_slot = 2 * self.heads * self.head_dim * self.sink_k.element_size()
+        free_exact = sum(self.win_k.shape[2] - w for w in self._host_win_len)
+        free_exact += int((self.sink_k.shape[2] - self.sink_len).sum())
+        return free_codes * per_slot + free_exact * exact_slot
+
+    def physical_tokens(self) -> int:
+        return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_win_len)
+
+
+def _ordered_index(select: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices ``[B, width]`` of the True entries of ``select`` ``[B, L]`` in order (0 past the last)."""
+    if width == 0:
+        return select.new_zeros(select.shape[0], 0, dtype=torch.int64)
+    order = torch.where(select, torch.arange(select.shape[1], device=select.device)[None], select.shape[1])
+    index = order.sort(dim=1).values[:, :width]
+    if index.shape[1] < width:
+        index = torch.cat([index, index.new_full((index.shape[0], width - index.shape[1]), select.shape[1])], 1)
+    return torch.where(index < select.shape[1], index, 0)
+
+
+class NexusCache(Cache):
+    """A ``transformers.Cache`` that stores keys and values as packed E8 lattice codes, with token eviction.
+
+    Pass it as ``past_key_values`` to a model prepared by :func:`nqcompile.optimize` (whose attention
+    implementation ``"nexusquant"`` reads the codes), or let the optimized model's ``generate`` build one.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (a text decoder with rotary attention).
+        preset: a preset name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
+        max_cache_len: logical capacity per sequence in tokens (prompt + new tokens), like transformers'
+            ``StaticCache``; ``None`` lets the code buffers grow at each chunk end.
+        **overrides: any :class:`~nqcompile.Preset` field.
+
+    Raises:
+        ValueError: encoder-decoder model, model without rotary attention or with an unsupported rope type,
+            head_dim not a multiple of 8 for a quantized preset, sliding-window layers with
+            ``compress_layers="all"``, unknown preset or field value.
+    """
+
+    def __init__(self, config, preset: "str | Preset" = "balanced", *, max_cache_len: int | None = None, **overrides):
+        self.preset = get_preset(preset, **overrides)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError("NexusCache supports decoder-only causal LMs; this config is encoder-decoder")
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_layers = text.num_hidden_layers
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if not self.preset.exact and head_dim % 8:
+            raise ValueError(f"head_dim={head_dim} is not a multiple of 8, which the E8 codec needs; "
+                             "use an exact preset (key_bits=None, value_bits=None)")
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * n_layers
+        sliding = [t != "full_attention" for t in layer_types]
+        if any(sliding) and self.preset.compress_layers == "all":
+            raise ValueError("this model has sliding-window layers, which NexusCache cannot compress yet; "
+                             "pass compress_layers='global_only' to leave them as transformers' layers")
+        compressed = [i for i in range(n_layers) if not sliding[i]]
+        nb = self.preset.boundary_layers
+        boundary = set(compressed[:nb] + compressed[len(compressed) - nb:]) if nb else set()
+        evicting = [i for i in compressed if i not in boundary]
+        ratios = dict(zip(evicting, layer_eviction_ratios(self.preset.eviction_ratio, len(evicting),
+                                                          self.preset.layer_budget)))
+        quant_bits = None if self.preset.exact else (self.preset.key_bits, self.preset.value_bits)
+        boundary_bits = None if self.preset.boundary_bits is None else (self.preset.boundary_bits,) * 2
+        layers = []
+        for i in range(n_layers):
+            if sliding[i]:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window))
+                continue
+            layers.append(NexusLayer(preset=self.preset, bits=boundary_bits if i in boundary else quant_bits,
+                                     eviction_ratio=ratios.get(i, 0.0),
+                                     rotary=RotarySpec.from_config(text, layer_idx=i), max_cache_len=max_cache_len))
+        self.max_cache_len = max_cache_len
+        super().__init__(layers=layers)
+
+    def reserve(self, new_tokens: int) -> None:
+        """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""
+        for layer in self.layers:
+            if isinstance(layer, NexusLayer) and layer.max_cache_len is not None:
+                layer.max_cache_len = max(layer.max_cache_len, layer.logical_len + new_tokens)
+                self.max_cache_len = layer.max_cache_len
+
+    def memory_report(self) -> CacheMemoryReport:
+        """Bytes actually held, counted from ``nbytes`` of every distinct tensor storage (see :class:`CacheMemoryReport`)."""
+        seen: set[int] = set()
+        allocated = unused = bf16 = 0
+        logical = physical = None
+        for layer in self.layers:
+            tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
+                k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
+            for t in tensors.values():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen or t.untyped_storage().nbytes() == 0:
+                    seen.add(ptr)
+                    allocated += t.untyped_storage().nbytes()
+            if isinstance(layer, NexusLayer) and layer.is_initialized:
+                unused += layer.unused_bytes()
+                bf16 += 4 * layer.batch * layer.heads * layer.head_dim * layer.logical_len
+                logical = layer.logical_len if logical is None else logical
+                physical = layer.physical_tokens() if physical is None else physical
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                b, h, _, d = layer.keys.shape
+                bf16 += 4 * b * h * d * layer.get_seq_length()
+        return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16)

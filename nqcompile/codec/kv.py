@@ -1,0 +1,90 @@
+"""Key and value transforms around the vector codes: the reference math behind ``nqcompile.ops``.
+
+Keys (Hadamard-rotated after RoPE removal and per-channel normalization)::
+
+    encode:  k_post --RoPE^-1(pos)--> k_pre --(k_pre - mean) / scale--> x --H--> codes, scale code
+    decode:  codes --> x --H^T--> x * scale + mean --RoPE(pos)--> k_post
+
+Values skip RoPE and normalization: ``v --H--> codes``. ``H`` is the orthonormal Hadamard matrix of
+:mod:`nqcompile.codec.hadamard`; the per-vector scale is one byte (:mod:`nqcompile.codec.scales`). All
+math runs in float32 whatever the model dtype; decode returns float32.
+
+The ``exact`` kind stores keys (post-RoPE) and values unchanged in the model's dtype; its "codes" are
+those float tensors and its scale tensors are empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lattice import code_for
+from .rope import apply_rotary
+from .vector import dequantize_vectors, quantize_vectors
+
+__all__ = ["KVTransform", "encode_keys", "decode_keys", "encode_values", "decode_values"]
+
+
+@dataclass(frozen=True)
+class KVTransform:
+    """Static (non-tensor) parameters of one layer's key/value codec.
+
+    Args:
+        kind: ``"exact"``, ``"e8"``, ``"lloyd_max"`` or ``"uniform"``.
+        key_bits: bits per key element (ignored for exact).
+        value_bits: bits per value element (ignored for exact).
+        attention_scaling: the factor the model's RoPE multiplies cos/sin by.
+        rotary_dim: leading dims of the head that RoPE rotates (partial rotary leaves the rest).
+        layout: ``"half"`` (rotate_half) or ``"interleaved"`` pairs.
+    """
+
+    kind: str
+    key_bits: int
+    value_bits: int
+    attention_scaling: float
+    rotary_dim: int
+    layout: str
+
+
+def encode_keys(key: torch.Tensor, positions: torch.Tensor, hadamard: torch.Tensor, inv_freq: torch.Tensor,
+                norm_mean: torch.Tensor, norm_scale: torch.Tensor, t: KVTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize post-RoPE keys.
+
+    Args:
+        key: ``[B, H, n, D]`` post-RoPE keys (any float dtype).
+        positions: ``[B, H, n]`` int64 positions the keys were rotated at.
+        hadamard: ``[D, D]`` float32 orthonormal rotation.
+        inv_freq: ``[rotary_dim / 2]`` float32 RoPE inverse frequencies.
+        norm_mean, norm_scale: ``[B, H, D]`` float32 per-channel normalization of pre-RoPE keys.
+        t: static parameters.
+
+    Returns:
+        ``(codes, scale_codes)``: uint8 ``[B, H, n, key_bits * D / 8]`` and uint8 ``[B, H, n]``.
+    """
+    pre = apply_rotary(key.float(), positions, inv_freq, attention_scaling=t.attention_scaling,
+                       rotary_dim=t.rotary_dim, layout=t.layout, inverse=True)
+    x = (pre - norm_mean[:, :, None]) / norm_scale[:, :, None]
+    return quantize_vectors(x @ hadamard.T, code_for(t.kind, t.key_bits))
+
+
+def decode_keys(codes: torch.Tensor, scale_codes: torch.Tensor, positions: torch.Tensor, hadamard: torch.Tensor,
+                inv_freq: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,
+                t: KVTransform) -> torch.Tensor:
+    """Inverse of :func:`encode_keys`: float32 ``[B, H, n, D]`` post-RoPE keys at ``positions`` ``[B, H|1, n]``."""
+    dim = hadamard.shape[0]
+    x = dequantize_vectors(codes, scale_codes, code_for(t.kind, t.key_bits), dim) @ hadamard
+    pre = x * norm_scale[:, :, None] + norm_mean[:, :, None]
+    return apply_rotary(pre, positions, inv_freq, attention_scaling=t.attention_scaling,
+                        rotary_dim=t.rotary_dim, layout=t.layout)
+
+
+def encode_values(value: torch.Tensor, hadamard: torch.Tensor, t: KVTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize values ``[B, H, n, D]`` -> uint8 codes ``[B, H, n, value_bits * D / 8]`` and scale codes ``[B, H, n]``."""
+    return quantize_vectors(value.float() @ hadamard.T, code_for(t.kind, t.value_bits))
+
+
+def decode_values(codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torch.Tensor, t: KVTransform) -> torch.Tensor:
+    """Inverse of :func:`encode_values`: float32 ``[B, H, n, D]``."""
+    dim = hadamard.shape[0]
+    return dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim) @ hadamard

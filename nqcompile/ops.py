@@ -1,0 +1,142 @@
+"""``torch.library`` custom ops: the boundaries between the cache, the compiler passes and the kernels.
+
+Every step that touches compressed storage goes through one of these ops, each with a torch reference
+implementation (below) and a fake (meta) implementation, so the ``nexusquant`` backend can match them
+in a graph and the Triton kernels can replace the reference on CUDA without the cache changing.
+
+Storage layout of one compressed layer (all tensors owned by :class:`nqcompile.cache.NexusLayer`)::
+
+    k_codes   uint8  [B, Hkv, C, key_bits * D / 8]    packed key codes, token-major per (sequence, KV head)
+    v_codes   uint8  [B, Hkv, C, value_bits * D / 8]  packed value codes
+    k_scales  uint8  [B, Hkv, C]                      one-byte log2 scale per (token, KV head)
+    v_scales  uint8  [B, Hkv, C]
+    code_len  int64  [B]                              physical tokens held per sequence
+
+``C`` (capacity in tokens) is a multiple of 16, so the codes of a block of 16 tokens are one contiguous
+run of ``16 * bits * D / 8`` bytes (a multiple of 16 bytes) inside each (sequence, KV head) plane, every
+block starting 16-byte aligned: a decode kernel reads a block with aligned vector loads. Scales sit in
+their own contiguous array, one row per (sequence, KV head). For the ``exact`` kind the code tensors are
+float tensors ``[B, Hkv, C, D]`` in the model's dtype and the scale tensors are empty.
+
+Ops:
+    ``nqcompile::write_kv``          quantize new keys/values and write them at per-sequence offsets (mutating).
+    ``nqcompile::gather_tokens``     evict/compact: keep the selected tokens of a chunk, in order.
+    ``nqcompile::dequant_attention`` attention of queries over codes (dequantized on the fly) plus an exact segment.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
+
+__all__ = ["write_kv", "gather_tokens", "dequant_attention"]
+
+
+@torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
+def write_kv(
+    k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, dest: torch.Tensor, count: torch.Tensor,
+    hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,
+    kind: str, key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int, layout: str,
+) -> None:
+    """Quantize ``count[b]`` new tokens of each sequence and write them at slots ``dest[b], dest[b] + 1, ...``.
+
+    Args:
+        k_codes, k_scales, v_codes, v_scales: the layer's storage (see the module docstring), mutated.
+        key: ``[B, H, n, D]`` post-RoPE keys, model dtype. value: ``[B, H, n, D]``.
+        positions: ``[B, H, n]`` int64 positions of the keys (for RoPE removal).
+        dest: ``[B]`` int64 first slot written per sequence. count: ``[B]`` int64 tokens written (<= n);
+            token ``j`` of sequence ``b`` is written only when ``j < count[b]``.
+        hadamard: ``[D, D]`` float32. inv_freq: ``[rotary_dim / 2]`` float32.
+        norm_mean, norm_scale: ``[B, H, D]`` float32 per-channel key normalization.
+        kind, key_bits, value_bits, attention_scaling, rotary_dim, layout: see :class:`~nqcompile.codec.kv.KVTransform`.
+    """
+    if key.shape[2] == 0:
+        return
+    if kind == "exact":
+        kc, vc, ks, vs = key, value, None, None
+    else:
+        t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
+        kc, ks = encode_keys(key, positions, hadamard, inv_freq, norm_mean, norm_scale, t)
+        vc, vs = encode_values(value, hadamard, t)
+    n = key.shape[2]
+    j = torch.arange(n, device=key.device)
+    b_idx, j_idx = (j[None, :] < count[:, None]).nonzero(as_tuple=True)
+    slot = dest[b_idx] + j_idx
+    k_codes[b_idx, :, slot] = kc[b_idx, :, j_idx].to(k_codes.dtype)
+    v_codes[b_idx, :, slot] = vc[b_idx, :, j_idx].to(v_codes.dtype)
+    if ks is not None:
+        k_scales[b_idx, :, slot] = ks[b_idx, :, j_idx]
+        v_scales[b_idx, :, slot] = vs[b_idx, :, j_idx]
+
+
+@write_kv.register_fake
+def _(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard, inv_freq, norm_mean,
+      norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout) -> None:
+    return None
+
+
+@torch.library.custom_op("nqcompile::gather_tokens", mutates_args=())
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Evict/compact: ``out[b, h, k] = x[b, h, index[b, h, k]]``.
+
+    Args:
+        x: ``[B, H, L, D]`` any dtype. index: ``[B, H, K]`` int64 token indices (kept tokens, ascending).
+
+    Returns:
+        ``[B, H, K, D]`` in ``x``'s dtype.
+    """
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1])).clone()
+
+
+@gather_tokens.register_fake
+def _(x, index):
+    return x.new_empty(*index.shape, x.shape[-1])
+
+
+@torch.library.custom_op("nqcompile::dequant_attention", mutates_args=())
+def dequant_attention(
+    query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+    code_pos: torch.Tensor, code_len: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor,
+    exact_mask: torch.Tensor, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
+    norm_scale: torch.Tensor, kind: str, key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int,
+    layout: str, scaling: float,
+) -> torch.Tensor:
+    """Softmax attention of ``query`` over the compressed tokens and an exact segment, in float32.
+
+    Args:
+        query: ``[B, Hq, q, D]`` post-RoPE queries; ``Hq`` a multiple of the KV heads ``H`` (GQA).
+        k_codes, k_scales, v_codes, v_scales: storage, capacity ``C`` (module docstring).
+        code_pos: ``[B, H or 1, C]`` integer positions of the stored tokens (RoPE is re-applied there).
+        code_len: ``[B]`` int64; slots ``>= code_len[b]`` are ignored.
+        exact_k, exact_v: ``[B, H, E, D]`` exact (post-RoPE) keys/values: sinks, recent window, new tokens.
+        exact_mask: ``[B, q, E]`` bool, which exact tokens each query may attend to.
+        hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
+            layout: codec parameters, as for :func:`write_kv`.
+        scaling: softmax scale (``head_dim ** -0.5`` for most models).
+
+    Returns:
+        ``[B, Hq, q, D]`` attention output in ``query``'s dtype.
+    """
+    batch, capacity = code_len.shape[0], k_codes.shape[2]
+    if kind == "exact":
+        kc, vc = k_codes.float(), v_codes.float()
+    else:
+        t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
+        kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale, t)
+        vc = decode_values(v_codes, v_scales, hadamard, t)
+    code_mask = torch.arange(capacity, device=query.device)[None, :] < code_len[:, None]  # [B, C]
+    mask = torch.cat([code_mask[:, None, :].expand(batch, query.shape[2], capacity), exact_mask], dim=-1)
+    keys = torch.cat([kc, exact_k.float()], dim=2)
+    values = torch.cat([vc, exact_v.float()], dim=2)
+    out = F.scaled_dot_product_attention(query.float(), keys, values, attn_mask=mask[:, None], scale=scaling,
+                                         enable_gqa=query.shape[1] != keys.shape[1])
+    return out.to(query.dtype)
+
+
+@dequant_attention.register_fake
+def _(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
+      inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling):
+    return torch.empty_like(query)

@@ -1,0 +1,191 @@
+"""Compression presets: validated, versioned dataclasses naming exactly what a cache does.
+
+A :class:`Preset` says, per attention layer, how keys and values are stored (codec family and bits
+per element), how many tokens are evicted at the end of each prefill chunk and by which scorer, how
+many tokens stay exact (attention sinks and the recent window), and which layers are protected.
+``PRESETS`` holds the named ones; any field can be overridden by keyword
+(``get_preset("balanced", eviction_ratio=0.4)``). The layout follows torchao's
+``core/config.py``: validation in ``__post_init__`` raising ``ValueError``, a ``version`` field and
+``to_dict`` / ``from_dict``.
+
+Bytes per compressed token and KV head (what :func:`Preset.bytes_per_token` returns and what the
+cache's accounting test checks against ``nbytes``)::
+
+    key_bits * head_dim / 8 + value_bits * head_dim / 8   packed E8 (or scalar) codes
+    + 2                                                   one uint8 scale code each for key and value
+    + position_bytes  (2 for int16 / 4 for int32)         only when eviction_ratio > 0 (kept tokens are
+                                                          no longer contiguous, so their positions are stored)
+
+An exact (``key_bits=None``) layer stores ``2 * head_dim * itemsize`` bytes per token and KV head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS", "BLOCK_TOKENS"]
+
+#: Codec families a preset may name. ``e8``: E8 nested-lattice code (the project's codec);
+#: ``lloyd_max`` and ``uniform``: the scalar baselines, kept for ablations.
+CODEC_KINDS = ("e8", "lloyd_max", "uniform")
+#: Token scorers for eviction (see :mod:`nqcompile.policy`).
+SCORERS = ("observation", "key_norm")
+#: How the eviction budget is spread over layers.
+LAYER_BUDGETS = ("uniform", "pyramid")
+#: Tokens per storage block: the unit of flushes from the exact window into codes and of capacity.
+BLOCK_TOKENS = 16
+_BITS = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a :class:`~nqcompile.NexusCache` does to each attention layer's key/value cache.
+
+    Args:
+        name: label used in reports.
+        key_bits: bits per element of the stored keys (2, 3 or 4), or ``None`` for exact storage in the
+            model's dtype (then ``value_bits`` must be ``None`` too).
+        value_bits: bits per element of the stored values (2, 3 or 4), or ``None`` (exact).
+        codec: ``"e8"`` (E8 lattice code, Conway and Sloane) or a scalar baseline
+            (``"lloyd_max"``, ``"uniform"``), applied after the Hadamard rotation.
+        key_norm: ``"per_channel"`` normalizes pre-RoPE keys by a mean and scale per (sequence, KV head,
+            channel) measured on the first prefill chunk (KIVI / KVQuant observe per-channel key
+            outliers); ``"none"`` skips it.
+        eviction_ratio: fraction of each prefill chunk's tokens removed at the chunk's end, in [0, 1).
+            Sinks and the recent window count as kept. Decode tokens are never evicted.
+        scorer: ``"observation"`` ranks tokens by the attention the chunk's last ``observation_window``
+            queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
+            ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430).
+        observation_window: number of last queries of a chunk whose attention scores tokens.
+        pooling_kernel: odd max-pooling width over token scores (SnapKV keeps neighbours of hot tokens); 1 disables.
+        sink_tokens: first tokens of each sequence kept exact and never evicted (StreamingLLM attention sinks).
+        recent_window: most recent tokens kept exact in the model's dtype; a multiple of 16 (the block size).
+            Decode tokens enter here and are flushed into codes 16 at a time.
+        layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer; ``"pyramid"`` keeps more in
+            lower layers and fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
+        boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
+            (``None``: exact) and never evicted.
+        boundary_bits: bits for the boundary layers' keys and values, or ``None`` for exact storage.
+        compress_layers: ``"all"``, or ``"global_only"`` to leave sliding-window layers of hybrid models
+            as transformers' own layers.
+        version: schema version of this dataclass.
+
+    Raises:
+        ValueError: for any field out of range (message names the field and the allowed values).
+    """
+
+    name: str = "custom"
+    key_bits: int | None = 3
+    value_bits: int | None = 2
+    codec: str = "e8"
+    key_norm: str = "per_channel"
+    eviction_ratio: float = 0.0
+    scorer: str = "observation"
+    observation_window: int = 32
+    pooling_kernel: int = 7
+    sink_tokens: int = 4
+    recent_window: int = 32
+    layer_budget: str = "uniform"
+    boundary_layers: int = 0
+    boundary_bits: int | None = None
+    compress_layers: str = "all"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.key_bits is None) != (self.value_bits is None):
+            raise ValueError(
+                f"key_bits={self.key_bits} and value_bits={self.value_bits}: set both to None for exact storage, "
+                "or both to a bit width"
+            )
+        for fname in ("key_bits", "value_bits", "boundary_bits"):
+            bits = getattr(self, fname)
+            if bits is not None and bits not in _BITS:
+                raise ValueError(f"{fname}={bits!r} is not offered by the codec; choose one of {_BITS} or None (exact)")
+        _choice("codec", self.codec, CODEC_KINDS)
+        _choice("key_norm", self.key_norm, ("per_channel", "none"))
+        _choice("scorer", self.scorer, SCORERS)
+        _choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
+        _choice("compress_layers", self.compress_layers, ("all", "global_only"))
+        if not 0.0 <= float(self.eviction_ratio) < 1.0:
+            raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")
+        if self.recent_window < BLOCK_TOKENS or self.recent_window % BLOCK_TOKENS:
+            raise ValueError(f"recent_window={self.recent_window} must be a positive multiple of {BLOCK_TOKENS}")
+        for fname in ("sink_tokens", "boundary_layers"):
+            if getattr(self, fname) < 0:
+                raise ValueError(f"{fname}={getattr(self, fname)} must be >= 0")
+        if self.observation_window < 1:
+            raise ValueError(f"observation_window={self.observation_window} must be >= 1")
+        if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
+            raise ValueError(f"pooling_kernel={self.pooling_kernel} must be a positive odd number")
+        if self.version != 1:
+            raise ValueError(f"Preset version {self.version} is not supported by this nqcompile (version 1)")
+
+    @property
+    def exact(self) -> bool:
+        """True when keys and values are stored in the model's dtype (no quantization)."""
+        return self.key_bits is None
+
+    def replace(self, **overrides: Any) -> "Preset":
+        """Return a copy with ``overrides`` applied (validated). Unknown names raise ``TypeError``."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown preset field(s) {sorted(unknown)}; fields are {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-serializable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preset":
+        """Inverse of :meth:`to_dict`; validates like the constructor."""
+        return cls(**data)
+
+    def bytes_per_token(self, head_dim: int, *, bits: tuple[int | None, int | None] | None = None,
+                        position_bytes: int = 4, exact_itemsize: int = 2) -> int:
+        """Bytes stored per compressed token and KV head (see the module docstring for the formula).
+
+        Args:
+            head_dim: elements per key (and value) vector.
+            bits: ``(key_bits, value_bits)`` to use instead of the preset's (boundary layers).
+            position_bytes: itemsize of the stored position (2 or 4), counted only when evicting.
+            exact_itemsize: itemsize of the model dtype, used when the layer is exact.
+        """
+        kb, vb = bits if bits is not None else (self.key_bits, self.value_bits)
+        if kb is None:
+            return 2 * head_dim * exact_itemsize + (position_bytes if self.eviction_ratio > 0 else 0)
+        return (kb + vb) * head_dim // 8 + 2 + (position_bytes if self.eviction_ratio > 0 else 0)
+
+
+def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{fname}={value!r} is not one of {allowed}")
+
+
+PRESETS: dict[str, Preset] = {
+    "quant_only": Preset(name="quant_only", key_bits=3, value_bits=3, eviction_ratio=0.0),
+    "high": Preset(name="high", key_bits=4, value_bits=3, eviction_ratio=0.0),
+    "asym": Preset(name="asym", key_bits=3, value_bits=2, eviction_ratio=0.0),
+    "balanced": Preset(name="balanced", key_bits=3, value_bits=2, eviction_ratio=0.5),
+    "max": Preset(name="max", key_bits=2, value_bits=2, eviction_ratio=0.75),
+}
+
+
+def get_preset(preset: "str | Preset" = "balanced", **overrides: Any) -> Preset:
+    """Look up a preset by exact name (or take a :class:`Preset`) and apply keyword overrides.
+
+    Raises:
+        ValueError: unknown preset name (the message lists the valid ones).
+        TypeError: unknown override field.
+    """
+    if isinstance(preset, Preset):
+        base = preset
+    elif isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or pass a Preset")
+        base = PRESETS[preset]
+    else:
+        raise TypeError(f"preset must be a name or a Preset, got {type(preset).__name__}")
+    return base.replace(**overrides) if overrides else base

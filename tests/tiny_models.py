@@ -1,0 +1,38 @@
+"""Tiny config-built causal LMs (random weights, seeded) for fast CPU tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+_CONFIGS = {
+    # Llama: GQA 4 query / 2 KV heads, head_dim 64.
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=1024, rope_theta=10000.0),
+    # Qwen2: q/k/v biases, GQA, head_dim 64.
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1e6),
+    # Phi-3 style: fused qkv, head_dim 96.
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=1024,
+        pad_token_id=0),
+}
+
+MODEL_KINDS = tuple(_CONFIGS)
+
+
+def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A small random-weight causal LM of the given family, in eval mode, attention "sdpa"."""
+    torch.manual_seed(seed)
+    config = _CONFIGS[kind]()
+    config._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random weights give flat attention; sharpen it so eviction decisions matter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "k_proj" in name or "q_proj" in name or "qkv_proj" in name:
+                p.mul_(4.0)
+    return model.eval()
