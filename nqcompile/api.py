@@ -41,19 +41,23 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
     model.set_attn_implementation(register_attention())
     original = getattr(model.generate, "__nqcompile_original__", model.generate)
+    # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` is its deprecated alias).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any):
         bound = inspect.signature(original).bind_partial(*args, **kwargs)
         inputs = bound.arguments.get("inputs", kwargs.get("input_ids"))
-        cache = kwargs.get("past_key_values")
+        if "past_key_values" in kwargs and cache_arg != "past_key_values":
+            kwargs[cache_arg] = kwargs.pop("past_key_values")
+        cache = kwargs.get(cache_arg)
         if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
             config = kwargs.get("generation_config") or model.generation_config
             new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
             if new_tokens is None:
                 raise ValueError("pass max_new_tokens so that the NexusCache can be sized (prompt + new tokens)")
             if cache is None:
-                kwargs["past_key_values"] = NexusCache(model.config, chosen,
+                kwargs[cache_arg] = NexusCache(model.config, chosen,
                                                        max_cache_len=inputs.shape[-1] + new_tokens)
             else:
                 cache.reserve(inputs.shape[-1] - cache.get_seq_length() + new_tokens)

@@ -431,14 +431,14 @@ class NexusLayer(CacheLayerMixin):
         if self.kind == "exact" or self.preset.key_norm == "none":
             return
         r = self.rotary
-        pre = apply_rotary(pk.float(), ppos[:, None, :], self.inv_freq, attention_scaling=r.attention_scaling,
+        pre = apply_rotary(pk.to(torch.promote_types(pk.dtype, torch.float32)), ppos[:, None, :], self.inv_freq, attention_scaling=r.attention_scaling,
                            rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
         w = preal[:, None, :, None].float()
         n = w.sum(2).clamp(min=1.0)
         mean = (pre * w).sum(2) / n
         var = (((pre - mean[:, :, None]) ** 2) * w).sum(2) / n
-        self.norm_mean = mean
-        self.norm_scale = var.sqrt().clamp(min=1e-4 * (var.mean(-1, keepdim=True).sqrt() + 1e-12))
+        self.norm_mean = mean.float()
+        self.norm_scale = var.sqrt().clamp(min=1e-4 * (var.mean(-1, keepdim=True).sqrt() + 1e-12)).float()
 
     def _check_contiguous(self, ppos, index, count) -> None:
         """Without eviction, code positions are implicit (``code_pos0 + slot``): check that they really are."""

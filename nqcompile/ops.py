@@ -104,7 +104,9 @@ def dequant_attention(
     norm_scale: torch.Tensor, kind: str, key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int,
     layout: str, scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention of ``query`` over the compressed tokens and an exact segment, in float32.
+    """Softmax attention of ``query`` over the compressed tokens and an exact segment.
+
+    Computed in float32 (float64 for a float64 query); codes decode to float32.
 
     Args:
         query: ``[B, Hq, q, D]`` post-RoPE queries; ``Hq`` a multiple of the KV heads ``H`` (GQA).
@@ -121,17 +123,18 @@ def dequant_attention(
         ``[B, Hq, q, D]`` attention output in ``query``'s dtype.
     """
     batch, capacity = code_len.shape[0], k_codes.shape[2]
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     if kind == "exact":
-        kc, vc = k_codes.float(), v_codes.float()
+        kc, vc = k_codes, v_codes
     else:
         t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
         kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale, t)
         vc = decode_values(v_codes, v_scales, hadamard, t)
     code_mask = torch.arange(capacity, device=query.device)[None, :] < code_len[:, None]  # [B, C]
     mask = torch.cat([code_mask[:, None, :].expand(batch, query.shape[2], capacity), exact_mask], dim=-1)
-    keys = torch.cat([kc, exact_k.float()], dim=2)
-    values = torch.cat([vc, exact_v.float()], dim=2)
-    out = F.scaled_dot_product_attention(query.float(), keys, values, attn_mask=mask[:, None], scale=scaling,
+    keys = torch.cat([kc.to(compute), exact_k.to(compute)], dim=2)
+    values = torch.cat([vc.to(compute), exact_v.to(compute)], dim=2)
+    out = F.scaled_dot_product_attention(query.to(compute), keys, values, attn_mask=mask[:, None], scale=scaling,
                                          enable_gqa=query.shape[1] != keys.shape[1])
     return out.to(query.dtype)
 

@@ -17,12 +17,24 @@ cache's accounting test checks against ``nbytes``)::
                                                           no longer contiguous, so their positions are stored)
 
 An exact (``key_bits=None``) layer stores ``2 * head_dim * itemsize`` bytes per token and KV head.
+
+Everything a compressed layer allocates (:meth:`Preset.layer_bytes`), for batch ``B``, ``H`` KV heads and
+a code capacity of ``C`` tokens per sequence (a multiple of 16)::
+
+    B * H * C * bytes_per_token                      codes, scales, positions
+    + B * H * (sink_tokens + recent_window) * 2 * head_dim * itemsize   exact sinks and window
+    + B * recent_window * 8                          window positions (int64)
+    + 4 * B * 8                                      lengths and first code position (int64)
+    + 2 * B * H * head_dim * 4                       per-channel key mean and scale (float32)
+    + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
+
+plus, once per cache, the ``head_dim x head_dim`` float32 Hadamard matrix shared by all layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS", "BLOCK_TOKENS"]
@@ -157,6 +169,24 @@ class Preset:
         if kb is None:
             return 2 * head_dim * exact_itemsize + (position_bytes if self.eviction_ratio > 0 else 0)
         return (kb + vb) * head_dim // 8 + 2 + (position_bytes if self.eviction_ratio > 0 else 0)
+
+    def layer_bytes(self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, itemsize: int,
+                    rotary_dim: int, bits: tuple[int | None, int | None] | None = None, position_bytes: int = 4,
+                    evicting: bool | None = None) -> int:
+        """Bytes one compressed layer allocates (formula in the module docstring), Hadamard excluded.
+
+        Args:
+            batch, kv_heads, head_dim: cache shape. capacity: code slots per sequence (tokens).
+            itemsize: bytes per element of the model dtype. rotary_dim: rotated dims of a head.
+            bits: the layer's ``(key_bits, value_bits)`` when it differs from the preset's (boundary layers).
+            position_bytes: itemsize of stored positions. evicting: whether this layer evicts (default:
+                ``eviction_ratio > 0``).
+        """
+        preset = self if evicting is None else self.replace(eviction_ratio=0.5 if evicting else 0.0)
+        per_token = preset.bytes_per_token(head_dim, bits=bits, position_bytes=position_bytes, exact_itemsize=itemsize)
+        exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * itemsize
+        return (batch * kv_heads * capacity * per_token + exact + batch * self.recent_window * 8 + 4 * batch * 8
+                + 2 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
 
 
 def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -39,6 +39,6 @@ class TokenScorer:
             scaling: softmax scale of the attention (usually ``head_dim ** -0.5``).
 
         Returns:
-            ``[B, Hkv, Lk]`` float32 scores; invalid keys may hold any value (the caller masks them).
+            ``[B, Hkv, Lk]`` float scores (float32, or float64 for float64 inputs); invalid keys may hold any value (the caller masks them).
         """
         raise NotImplementedError

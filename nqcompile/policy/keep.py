@@ -46,17 +46,20 @@ def select_kept(scores: torch.Tensor, candidate: torch.Tensor, budget: torch.Ten
         ``(index, count)``: ``index`` ``[B, H, K]`` int64 token indices in increasing order, with
         ``K = max(count)``; slots ``>= count[b]`` hold 0 and must be ignored. ``count`` ``[B]`` int64.
     """
-    scores = scores.float()
+    raw = scores.float() if scores.dtype != torch.float64 else scores
+    raw = raw.masked_fill(~candidate[:, None], float("-inf"))
+    pooled = raw
     if pooling_kernel > 1:
-        scores = F.max_pool1d(scores.masked_fill(~candidate[:, None], float("-inf")), pooling_kernel,
-                              stride=1, padding=pooling_kernel // 2)
+        pooled = F.max_pool1d(raw, pooling_kernel, stride=1, padding=pooling_kernel // 2)
     count = torch.minimum(budget.to(torch.int64), candidate.sum(-1))
+    # Max-pooling makes plateaus of equal scores: rank by pooled score, then raw score, then position
+    # (two stable sorts), so the choice never depends on where padding put the tokens.
+    order = raw.sort(dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, pooled.gather(-1, order).sort(dim=-1, descending=True, stable=True).indices)
     k = int(count.max()) if count.numel() else 0
-    masked = scores.masked_fill(~candidate[:, None], float("-inf"))
-    top = masked.topk(k, dim=-1, sorted=True).indices if k else masked.new_zeros(*masked.shape[:2], 0).long()
     slot = torch.arange(k, device=scores.device)
     valid = slot[None, None, :] < count[:, None, None]
-    index = torch.where(valid, top, torch.full_like(top, scores.shape[-1]))
+    index = torch.where(valid, order[..., :k], torch.full_like(order[..., :k], scores.shape[-1]))
     index = index.sort(dim=-1).values  # valid indices ascending, invalid (== L) last
-    index = torch.where(slot[None, None, :] < count[:, None, None], index, torch.zeros_like(index))
+    index = torch.where(valid, index, torch.zeros_like(index))
     return index, count

@@ -21,4 +21,4 @@ class KeyNormScorer(TokenScorer):
     """``score = -||key||_2`` per (sequence, KV head, token), float32 ``[B, Hkv, Lk]``."""
 
     def score(self, *, query, key, query_time, key_time, key_valid, scaling) -> torch.Tensor:
-        return -key.float().norm(dim=-1)
+        return -key.to(torch.promote_types(key.dtype, torch.float32)).norm(dim=-1)

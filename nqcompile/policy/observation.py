@@ -35,9 +35,10 @@ class ObservationScorer(TokenScorer):
         # The w latest real queries of each sequence (padding queries have time -1 and lose the top-k).
         obs_time, obs_idx = query_time.topk(w, dim=-1)  # [B, w]
         obs_real = obs_time >= 0
-        q = query.gather(2, obs_idx[:, None, :, None].expand(batch, n_q_heads, w, head_dim)).float()
+        compute = torch.promote_types(query.dtype, torch.float32)
+        q = query.gather(2, obs_idx[:, None, :, None].expand(batch, n_q_heads, w, head_dim)).to(compute)
         q = q.view(batch, n_kv_heads, groups, w, head_dim)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key.to(compute)) * scaling
         visible = key_valid[:, None, :] & (key_time[:, None, :] <= obs_time[:, :, None])  # [B, w, Lk]
         logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing visible -> 0

@@ -1,0 +1,105 @@
+"""NexusCache with quantization and eviction on: batching, multi-turn, byte accounting."""
+
+import pytest
+import torch
+
+import nqcompile
+from nqcompile.cache import NexusLayer
+from tiny_models import tiny_model
+
+SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8)
+
+
+def _prefill_and_decode(model, ids, mask, cache, steps):
+    """Left-padded prefill then ``steps`` greedy decode steps; returns logits ``[B, steps + 1, V]``."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        positions = positions[:, -1:] + 1
+        out = model(token, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("preset", ["balanced", "max"])
+def test_left_padded_batch_matches_each_prompt_alone(preset):
+    model = tiny_model("llama", dtype=torch.float64)
+    nqcompile.optimize(model, preset, **SMALL)
+    gen = torch.Generator().manual_seed(3)
+    lengths = (97, 150)
+    prompts = [torch.randint(1, 256, (n,), generator=gen) for n in lengths]
+    width, steps = max(lengths), 20
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    with torch.no_grad():
+        batch_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=width + steps + 1, **SMALL)
+        batched = _prefill_and_decode(model, ids, mask, batch_cache, steps)
+        for row, p in enumerate(prompts):
+            cache = nqcompile.NexusCache(model.config, preset, max_cache_len=len(p) + steps + 1, **SMALL)
+            alone = _prefill_and_decode(model, p[None], torch.ones(1, len(p), dtype=torch.long), cache, steps)
+            torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0,
+                                       msg=f"{preset}: row {row} (length {len(p)}) differs from its solo run")
+    # Eviction really happened, per sequence: the kept counts follow each prompt's own length.
+    layer = batch_cache.layers[0]
+    ratio = nqcompile.PRESETS[preset].eviction_ratio
+    for row, n in enumerate(lengths):
+        kept = max(0, round(n * (1 - ratio)) - SMALL["sink_tokens"] - SMALL["recent_window"])
+        flushed = 16 * ((SMALL["recent_window"] + steps) // 16)  # decode tokens flushed from the window
+        assert layer._host_code_len[row] == kept + flushed
+
+
+def test_second_turn_leaves_first_turn_codes_bit_identical():
+    model = tiny_model("qwen2")
+    nqcompile.optimize(model, "balanced", **SMALL)
+    gen = torch.Generator().manual_seed(5)
+    turn1, turn2 = torch.randint(1, 256, (1, 120), generator=gen), torch.randint(1, 256, (1, 40), generator=gen)
+    cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+    with torch.no_grad():
+        model(turn1, past_key_values=cache)
+        for _ in range(18):  # decode steps: one block flush from the window
+            model(torch.randint(1, 256, (1, 1), generator=gen), past_key_values=cache)
+        layers = [l for l in cache.layers if isinstance(l, NexusLayer)]
+        before = [{name: getattr(l, name)[:, :, : l._host_code_len[0]].clone()
+                   for name in ("k_codes", "v_codes", "k_scales", "v_scales", "code_pos")} for l in layers]
+        sinks = [l.sink_k.clone() for l in layers]
+        out = model(turn2, past_key_values=cache)
+        assert torch.isfinite(out.logits).all()
+    for i, (layer, saved) in enumerate(zip(layers, before)):
+        assert layer._host_code_len[0] > saved["k_codes"].shape[2], "the second turn added codes"
+        for name, old in saved.items():
+            assert torch.equal(getattr(layer, name)[:, :, : old.shape[2]], old), f"layer {i}: {name} changed"
+        assert torch.equal(layer.sink_k, sinks[i])
+    assert cache.get_seq_length() == 120 + 18 + 40
+
+
+@pytest.mark.parametrize("preset", ["quant_only", "balanced"])
+def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset):
+    model = tiny_model("llama")
+    nqcompile.optimize(model, preset, **SMALL)
+    ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(7))
+    cache = nqcompile.NexusCache(model.config, preset, max_cache_len=150 + 10, **SMALL)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        for _ in range(10):
+            model(ids[:, :1], past_key_values=cache)
+    p = cache.preset
+    expected = 0
+    for layer in cache.layers:
+        expected += p.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
+                                  itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2)
+        compressed = layer._host_code_len
+        assert min(compressed) > 50
+        for name, t in layer.tensors().items():
+            if t.is_floating_point():
+                assert max(t.shape) < min(compressed), f"float tensor {name} {tuple(t.shape)} has compressed length"
+    expected += 64 * 64 * 4  # the shared Hadamard matrix
+    report = cache.memory_report()
+    assert report.allocated_bytes == expected
+    assert report.logical_tokens == 160
+    assert report.bf16_bytes == 3 * 4 * 2 * 1 * 64 * 160

@@ -1,0 +1,53 @@
+"""Bad input gets a clear error; dtypes are preserved."""
+
+import pytest
+import torch
+import transformers
+
+import nqcompile
+from tiny_models import tiny_model
+
+
+def test_encoder_decoder_is_rejected():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        nqcompile.NexusCache(transformers.T5Config(), "balanced")
+
+
+def test_model_without_rotary_attention_is_rejected():
+    with pytest.raises(ValueError, match="(?i)rotary|rope"):
+        nqcompile.NexusCache(transformers.GPT2Config(n_layer=2), "balanced")
+
+
+def test_head_dim_not_multiple_of_8_is_rejected():
+    config = transformers.LlamaConfig(hidden_size=40, num_attention_heads=2, head_dim=20, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="head_dim=20"):
+        nqcompile.NexusCache(config, "balanced")
+    nqcompile.NexusCache(config, "balanced", key_bits=None, value_bits=None)  # exact storage has no such limit
+
+
+def test_unknown_preset_and_bits():
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        nqcompile.get_preset("fast")
+    with pytest.raises(ValueError, match="key_bits=5"):
+        nqcompile.get_preset("balanced", key_bits=5)
+    with pytest.raises(TypeError, match="unknown preset field"):
+        nqcompile.get_preset("balanced", keybits=3)
+
+
+def test_cache_past_its_capacity():
+    model = nqcompile.optimize(tiny_model("llama"), "balanced")
+    cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=40)
+    with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=40"):
+        model(torch.ones(1, 41, dtype=torch.long), past_key_values=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_generate_keeps_the_model_dtype(dtype):
+    model = nqcompile.optimize(tiny_model("llama", dtype=dtype), "balanced", sink_tokens=4, recent_window=16)
+    ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    assert model.dtype == dtype and all(p.dtype == dtype for p in model.parameters())
+    assert out.sequences.shape == (1, 100)
+    cache = out.past_key_values
+    assert isinstance(cache, nqcompile.NexusCache)
+    assert cache.layers[0].win_k.dtype == dtype and cache.layers[0].k_codes.dtype == torch.uint8
