@@ -23,6 +23,7 @@ A later chunk (the next turn) is compressed the same way; codes already written 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ class NexusLayer(CacheLayerMixin):
         self._host_code_len: list[int] = []
         self._host_win_len: list[int] = []
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: Treat a multi-token input as that many decode steps (see NexusCache.replay_as_decode).
+        self.replay_as_decode = False
 
     # ------------------------------------------------------------------ transformers Cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -305,7 +308,7 @@ class NexusLayer(CacheLayerMixin):
         q_len = key.shape[2]
         self._check_logical(q_len)
         self.rotary.check_length(self.logical_len + q_len)
-        if q_len == 1 and self.chunks > 0:
+        if self.chunks > 0 and (q_len == 1 or self.replay_as_decode):
             out = self._decode(query, key, value, positions, scaling)
         else:
             out = self._chunk(query, key, value, real, positions, scaling)
@@ -320,33 +323,60 @@ class NexusLayer(CacheLayerMixin):
         return torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), valid
 
     def _decode(self, query, key, value, positions, scaling) -> torch.Tensor:
-        window = self.win_k.shape[2]
-        if max(self._host_win_len) >= window:
-            self._flush_block()
-        b = torch.arange(self.batch, device=self.device)
-        self.win_k[b, :, self.win_len] = key[:, :, 0]
-        self.win_v[b, :, self.win_len] = value[:, :, 0]
-        self.win_pos[b, self.win_len] = positions[:, 0]
-        self.win_len += 1
-        self._host_win_len = [n + 1 for n in self._host_win_len]
-        ek, ev, valid = self._exact_segment()
-        return ops.dequant_attention(query, self.k_codes, self.k_scales, self.v_codes, self.v_scales,
-                                     self._code_positions(), self.code_len, ek, ev, valid[:, None, :],
-                                     *self._codec_args(), scaling)
+        """``q`` decode steps at once (``q == 1`` in generation): each new token enters the window, and
+        whenever a window is full its oldest 16 tokens are flushed into codes first.
 
-    def _flush_block(self) -> None:
-        """Move the oldest 16 window tokens of every sequence whose window is full into codes."""
-        full = torch.tensor([n >= self.win_k.shape[2] for n in self._host_win_len], device=self.device)
-        count = full.to(torch.int64) * BLOCK_TOKENS
-        self._ensure_capacity(max(c + BLOCK_TOKENS for c in self._host_code_len))
-        k_blk, v_blk = self.win_k[:, :, :BLOCK_TOKENS], self.win_v[:, :, :BLOCK_TOKENS]
-        pos = self.win_pos[:, None, :BLOCK_TOKENS].expand(-1, self.heads, -1)
-        self._write(k_blk, v_blk, pos, count)
-        shifted = lambda x, dim: torch.where(full.view(-1, *[1] * (x.dim() - 1)), x.roll(-BLOCK_TOKENS, dim), x)
-        self.win_k, self.win_v = shifted(self.win_k, 2), shifted(self.win_v, 2)
-        self.win_pos = shifted(self.win_pos, 1)
-        self.win_len -= count
-        self._host_win_len = [n - BLOCK_TOKENS if n >= self.win_k.shape[2] else n for n in self._host_win_len]
+        For ``q > 1`` the result equals ``q`` sequential calls: query ``t`` sees the codes flushed before
+        step ``t`` and the window as it stood at step ``t``; the flushes are the same 16-token blocks.
+        """
+        r_cap, q_len = self.win_k.shape[2], key.shape[2]
+        old_win = list(self._host_win_len)
+        # Host-side replay of the window: flushed[b][t] = stream tokens flushed before step t.
+        flushed = [[0] * q_len for _ in range(self.batch)]
+        for b, w in enumerate(old_win):
+            gone = 0
+            for t in range(q_len):
+                if w + t - gone >= r_cap:
+                    gone += BLOCK_TOKENS
+                flushed[b][t] = gone
+        total = [f[-1] for f in flushed]
+        dev = self.device
+        # The stream of exact tokens: the old window (slots < win_len) then the new tokens.
+        sk, sv = torch.cat([self.win_k, key], 2), torch.cat([self.win_v, value], 2)
+        spos = torch.cat([self.win_pos, positions.to(torch.int64)], 1)
+        stream_valid = torch.cat([torch.arange(r_cap, device=dev)[None] < self.win_len[:, None],
+                                  torch.ones(self.batch, q_len, dtype=torch.bool, device=dev)], 1)
+        order = _ordered_index(stream_valid, r_cap + q_len)  # stream slot of stream token i
+        n_flush = torch.tensor(total, device=dev)
+        code_start = self.code_len.clone()
+        if max(total):
+            self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, total)))
+            width = max(total)
+            idx = order[:, None, :width].expand(-1, self.heads, -1)
+            self._write(ops.gather_tokens(sk, idx), ops.gather_tokens(sv, idx),
+                        spos[:, None, :].expand(-1, self.heads, -1).gather(2, idx), n_flush)
+        # Visibility per query t: codes below code_start + flushed[t]; stream tokens i with
+        # flushed[t] <= i <= old_win + t.
+        f = torch.tensor(flushed, device=dev)  # [B, q]
+        t = torch.arange(q_len, device=dev)
+        rank = torch.where(stream_valid, stream_valid.long().cumsum(1) - 1, -1)  # stream index of each slot
+        last = torch.tensor(old_win, device=dev)[:, None] + t[None]  # [B, q]
+        visible = (rank[:, None, :] >= f[:, :, None]) & (rank[:, None, :] <= last[:, :, None])
+        s_cap = self.sink_k.shape[2]
+        sink_valid = torch.arange(s_cap, device=dev)[None] < self.sink_len[:, None]
+        exact_mask = torch.cat([sink_valid[:, None, :].expand(-1, q_len, -1), visible], dim=2)
+        n_codes = max(self._host_code_len)
+        out = ops.dequant_attention(
+            query, self.k_codes[:, :, :n_codes], self.k_scales[:, :, :n_codes], self.v_codes[:, :, :n_codes],
+            self.v_scales[:, :, :n_codes], self._code_positions()[:, :, :n_codes], code_start[:, None] + f,
+            torch.cat([self.sink_k, sk], 2), torch.cat([self.sink_v, sv], 2), exact_mask, *self._codec_args(),
+            scaling)
+        # The window keeps the stream tokens not flushed, left-aligned.
+        keep = stream_valid & (rank >= n_flush[:, None])
+        self._take(keep, sk, sv, spos, "win")
+        self.win_len = keep.sum(1)
+        self._host_win_len = [w + q_len - n for w, n in zip(old_win, total)]
+        return out
 
     def _write(self, key, value, positions, count) -> None:
         """Quantize and append ``count[b]`` tokens ``[B, H, n, D]`` at each sequence's physical end."""
@@ -538,6 +568,23 @@ class NexusCache(Cache):
                                      rotary=RotarySpec.from_config(text, layer_idx=i), max_cache_len=max_cache_len))
         self.max_cache_len = max_cache_len
         super().__init__(layers=layers)
+
+    @contextlib.contextmanager
+    def replay_as_decode(self):
+        """Within this context, a multi-token input is processed as that many decode steps.
+
+        ``model(continuation, past_key_values=cache)`` then gives the logits that feeding ``continuation``
+        one token at a time would give (same codes, same flushes, each token seeing the cache as it stood
+        at its step), in one forward: how the perplexity protocol runs teacher-forced continuations fast.
+        """
+        layers = [layer for layer in self.layers if isinstance(layer, NexusLayer)]
+        for layer in layers:
+            layer.replay_as_decode = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.replay_as_decode = False
 
     def reserve(self, new_tokens: int) -> None:
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""

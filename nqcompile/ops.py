@@ -112,7 +112,8 @@ def dequant_attention(
         query: ``[B, Hq, q, D]`` post-RoPE queries; ``Hq`` a multiple of the KV heads ``H`` (GQA).
         k_codes, k_scales, v_codes, v_scales: storage, capacity ``C`` (module docstring).
         code_pos: ``[B, H or 1, C]`` integer positions of the stored tokens (RoPE is re-applied there).
-        code_len: ``[B]`` int64; slots ``>= code_len[b]`` are ignored.
+        code_len: ``[B]`` int64, slots ``>= code_len[b]`` are ignored; or ``[B, q]``, a limit per query
+            (a chunk replayed as decode steps sees the codes flushed before each of its tokens).
         exact_k, exact_v: ``[B, H, E, D]`` exact (post-RoPE) keys/values: sinks, recent window, new tokens.
         exact_mask: ``[B, q, E]`` bool, which exact tokens each query may attend to.
         hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
@@ -130,8 +131,9 @@ def dequant_attention(
         t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
         kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale, t)
         vc = decode_values(v_codes, v_scales, hadamard, t)
-    code_mask = torch.arange(capacity, device=query.device)[None, :] < code_len[:, None]  # [B, C]
-    mask = torch.cat([code_mask[:, None, :].expand(batch, query.shape[2], capacity), exact_mask], dim=-1)
+    limit = code_len[:, None] if code_len.dim() == 1 else code_len  # [B, 1 or q]
+    code_mask = torch.arange(capacity, device=query.device)[None, None, :] < limit[:, :, None]  # [B, 1|q, C]
+    mask = torch.cat([code_mask.expand(batch, query.shape[2], capacity), exact_mask], dim=-1)
     keys = torch.cat([kc.to(compute), exact_k.to(compute)], dim=2)
     values = torch.cat([vc.to(compute), exact_v.to(compute)], dim=2)
     out = F.scaled_dot_product_attention(query.to(compute), keys, values, attn_mask=mask[:, None], scale=scaling,

@@ -103,3 +103,27 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset):
     assert report.allocated_bytes == expected
     assert report.logical_tokens == 160
     assert report.bf16_bytes == 3 * 4 * 2 * 1 * 64 * 160
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_replay_as_decode_equals_token_by_token_decode(kind):
+    model = tiny_model(kind)
+    nqcompile.optimize(model, "balanced", **SMALL)
+    gen = torch.Generator().manual_seed(11)
+    prompt, continuation = torch.randint(1, 256, (2, 70), generator=gen), torch.randint(1, 256, (2, 37), generator=gen)
+    with torch.no_grad():
+        step_cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+        model(prompt, past_key_values=step_cache)
+        stepwise = torch.cat([model(continuation[:, t:t + 1], past_key_values=step_cache).logits
+                              for t in range(continuation.shape[1])], 1)
+        replay_cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+        model(prompt, past_key_values=replay_cache)
+        with replay_cache.replay_as_decode():
+            replayed = model(continuation, past_key_values=replay_cache).logits
+    torch.testing.assert_close(replayed, stepwise, atol=2e-5, rtol=1e-4)
+    for a, b in zip(step_cache.layers, replay_cache.layers):
+        assert a._host_code_len == b._host_code_len and a._host_win_len == b._host_win_len
+        n = a._host_code_len[0]
+        assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n])
+        w = a._host_win_len[0]
+        torch.testing.assert_close(a.win_k[:, :, :w], b.win_k[:, :, :w], atol=1e-5, rtol=1e-5)
