@@ -1,0 +1,166 @@
+"""Nearest-point decoders for the lattices D8 and E8 (pure torch, fully vectorized).
+
+Lattices (Conway and Sloane, "Sphere Packings, Lattices and Groups", ch. 4 and ch. 20; and
+J. H. Conway, N. J. A. Sloane, "Fast quantizing and decoding algorithms for lattice quantizers and
+codes", IEEE Trans. Inf. Theory 28(2), 1982):
+
+* ``D8 = {z in Z^8 : sum(z) is even}`` (the checkerboard lattice),
+* ``E8 = D8 ∪ (D8 + 1/2)`` where ``1/2`` is the all-halves vector ``(1/2, ..., 1/2)``.
+
+Algorithm (Conway and Sloane 1982, section III):
+
+* D8: round every coordinate to the nearest integer. If the coordinate sum is odd, re-round the
+  ONE coordinate with the LARGEST rounding error the other way (towards the second-nearest integer).
+* D8 + 1/2: subtract 1/2, decode in D8, add 1/2 back.
+* E8: keep whichever of the two candidates is closer to x (ties: see below).
+
+Layout: the last dimension holds the 8 coordinates; all leading dimensions are batch dimensions.
+Units: whatever the input's units are (lattice points have unit-spaced integer / half-integer
+coordinates in those units).
+
+Ties (points equidistant from two or more lattice points) are broken by rules that depend only on
+the error vector ``x - y``, so the decoders are exactly translation-equivariant:
+``d8_nearest(x + z) = d8_nearest(x) + z`` for ``z`` in D8 and ``e8_nearest(x + z) = e8_nearest(x) + z``
+for ``z`` in E8 (for inputs whose arithmetic is exact, e.g. dyadic rationals). The Voronoi codes of
+:mod:`nqcompile.codec.lattice` rely on this: with it, ``{x : e8_nearest(x / q) = 0}`` is a fundamental
+domain of ``q E8`` and codebook membership is a single nearest-point call. The rules:
+
+* halves round up (``floor(x + 1/2)``, not ``torch.round``'s half-to-even);
+* the re-rounded coordinate is the FIRST one of largest rounding error (in float32, errors are compared
+  with their 3 lowest mantissa bits cleared, which is exact for dyadic inputs and otherwise changes the
+  squared distance by less than about 1e-6 relative); a zero error re-rounds up;
+* a tie between the D8 and the D8 + 1/2 candidate goes to the candidate with the smaller first
+  coordinate (the two candidates always differ by a half-odd integer in every coordinate).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["d8_nearest", "e8_nearest", "is_in_e8"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point tensor, got dtype {x.dtype}; "
+            "convert with x.float() first"
+        )
+    if x.dim() == 0 or x.shape[-1] != 8:
+        raise ValueError(
+            f"{name}: the last dimension must have size 8 (one 8-dim block per row), got shape "
+            f"{tuple(x.shape)}; reshape to [..., 8] first, e.g. x.reshape(*x.shape[:-1], -1, 8)"
+        )
+
+
+_REV8 = 7 - torch.arange(8, dtype=torch.int32)
+
+
+def _d8(x: Tensor) -> Tensor:
+    """Nearest D8 point, no checks; x float32/float64 [..., 8]."""
+    f = torch.floor(x + 0.5)
+    err = x - f
+    odd = torch.remainder(f.sum(dim=-1, keepdim=True), 2.0) != 0  # [..., 1] bool
+    # k: the (first) coordinate with the largest rounding error.
+    if x.dtype == torch.float32:
+        # Fast path (argmax over a last dimension of 8 is slow on CPU): the bit pattern of a
+        # non-negative float32 orders like the float, so one integer amax over keys whose 3 low bits
+        # hold (7 - index) finds the first maximum. The 3 cleared mantissa bits make errors within
+        # 2**-20 relative of each other compare equal (exact for dyadic inputs such as lattice points).
+        key = (err.abs().view(torch.int32) & -8) | _REV8.to(x.device)
+        k = (7 - (key.amax(dim=-1, keepdim=True) & 7)).long()
+    else:
+        k = err.abs().argmax(dim=-1, keepdim=True)
+    err_k = torch.gather(err, -1, k)
+    step = torch.where(err_k >= 0, 1.0, -1.0).to(x.dtype)  # re-round "the other way"
+    step = torch.where(odd, step, torch.zeros_like(step))
+    return f.scatter_add(-1, k, step)
+
+
+def _e8(x: Tensor) -> Tensor:
+    """Nearest E8 point, no checks; x float32/float64 [..., 8]."""
+    y0 = _d8(x)
+    y1 = _d8(x - 0.5) + 0.5
+    d0 = (x - y0).square().sum(dim=-1, keepdim=True)
+    d1 = (x - y1).square().sum(dim=-1, keepdim=True)
+    take0 = (d0 < d1) | ((d0 == d1) & (y0[..., :1] < y1[..., :1]))
+    return torch.where(take0, y0, y1)
+
+
+def d8_nearest(x: Tensor) -> Tensor:
+    """Nearest point of the checkerboard lattice D8 = {z in Z^8 : sum(z) even}.
+
+    Conway and Sloane 1982 ("Fast quantizing and decoding algorithms for lattice quantizers and
+    codes"): round every coordinate; if the coordinate sum is odd, re-round the coordinate with the
+    largest rounding error the other way. Ties: see the module docstring (translation-equivariant).
+
+    Args:
+        x: floating tensor ``[..., 8]`` (float16, bfloat16, float32 or float64; half types are
+            computed in float32 internally).
+
+    Returns:
+        Tensor ``[..., 8]``, same dtype and device as ``x``: the nearest D8 point (integer
+        coordinates, even sum). Exact as long as ``|x| < 2**22`` (float32) / ``2**50`` (float64).
+
+    Raises:
+        ValueError: if ``x`` is not floating point or its last dimension is not 8.
+    """
+    _check(x, "d8_nearest")
+    if x.dtype in _HALF_DTYPES:
+        return _d8(x.float()).to(x.dtype)
+    return _d8(x)
+
+
+def e8_nearest(x: Tensor) -> Tensor:
+    """Nearest point of the Gosset lattice E8 = D8 ∪ (D8 + 1/2).
+
+    Conway and Sloane 1982 ("Fast quantizing and decoding algorithms for lattice quantizers and
+    codes", section III): decode in D8 and in the coset D8 + 1/2 (shift by 1/2, decode in D8, shift
+    back), keep the closer candidate. Ties: see the module docstring (translation-equivariant).
+
+    Args:
+        x: floating tensor ``[..., 8]`` (float16, bfloat16, float32 or float64; half types are
+            computed in float32 internally and rounded back, so large half-precision inputs may not
+            be exactly representable lattice points).
+
+    Returns:
+        Tensor ``[..., 8]``, same dtype and device as ``x``: the nearest E8 point (coordinates are all
+        integers with even sum, or all half-odd-integers with even sum of ``y - 1/2``).
+
+    Raises:
+        ValueError: if ``x`` is not floating point or its last dimension is not 8.
+    """
+    _check(x, "e8_nearest")
+    if x.dtype in _HALF_DTYPES:
+        return _e8(x.float()).to(x.dtype)
+    return _e8(x)
+
+
+def is_in_e8(y: Tensor) -> Tensor:
+    """Membership test for E8.
+
+    Args:
+        y: floating tensor ``[..., 8]``.
+
+    Returns:
+        bool tensor ``[...]``: True where ``y`` is exactly a point of E8 (all coordinates integers with
+        an even sum, or all coordinates in ``Z + 1/2`` with ``sum(y - 1/2)`` even).
+
+    Raises:
+        ValueError: if ``y`` is not floating point or its last dimension is not 8.
+    """
+    _check(y, "is_in_e8")
+    y = y.double()
+    z = 2.0 * y
+    integral = (z == torch.round(z)).all(dim=-1)
+    zi = torch.round(z)
+    all_even = (torch.remainder(zi, 2.0) == 0).all(dim=-1)  # all integer coordinates
+    all_odd = (torch.remainder(zi, 2.0) == 1).all(dim=-1)  # all half-odd coordinates
+    shifted = torch.where(all_odd.unsqueeze(-1), y - 0.5, y)
+    even_sum = torch.remainder(torch.round(shifted).sum(dim=-1), 2.0) == 0
+    return integral & (all_even | all_odd) & even_sum

@@ -1,0 +1,391 @@
+"""Fixed-rate E8 nested-lattice (Voronoi) codes at 2, 3 and 4 bits per dimension.
+
+The code (J. H. Conway, N. J. A. Sloane, "A fast encoding method for lattice codes and quantizers",
+IEEE Trans. Inf. Theory 29(6), 1983; used for LLM quantization by NestQuant, Savkin et al. 2025):
+
+* coarse lattice ``q E8`` with ``q = 2**bits``; the codebook holds one representative of each coset of
+  ``E8 / q E8``: ``q**8 = 2**(8 bits)`` points, i.e. exactly ``8 * bits`` bits per 8-dim block;
+* label of a lattice point ``y``: its integer coordinates in the generator basis ``G`` below, reduced
+  mod ``q`` (``k = (y G^-1) mod q``, eight ``bits``-bit integers, bit-packed little-endian by
+  :mod:`nqcompile.codec.packing`, block after block);
+* representative of label ``k``: ``c = k G - q * e8_nearest(k G / q)``, the point of the coset in
+  the Voronoi region of ``q E8`` (on the region's boundary ``e8_nearest``'s tie rule decides, which
+  makes the codebook lopsided: its centroid is about ``(0.47, -0.02, ..., -0.11)`` at 2 bits);
+* reconstruction: ``gain * (c - centroid)``. The codebook is shifted by its centroid (exact at 2 and 3
+  bits, a 2**26-sample estimate at 4 bits; DESIGN.md "Codec requirements"), and ``gain`` (the lattice
+  scaling) is tuned per rate to maximize the SNR of unit-RMS Gaussian inputs
+  (``benchmarks/codec_distortion.py --tune-gain``).
+
+Encoder (overload handling; DESIGN.md "Codec requirements"). With ``u = x / gain + centroid`` (lattice
+units), the nearest lattice point ``e8_nearest(u)`` is the optimal codeword whenever it lies in the
+codebook. For the other ("overloaded") blocks a plain Voronoi encoder would wrap the point to a far-away
+representative. Instead:
+
+1. shrink: for ``a`` on a small fixed grid ``0.975 .. 0.4`` (:data:`DEFAULT_SHRINK_GRID`), take the
+   representative of ``e8_nearest(a * u)`` and keep the one closest to the ORIGINAL ``u`` (a block
+   stops shrinking once ``a * u`` decodes inside the codebook; this never changed the result measured);
+2. local search (our addition): move to the best of the 240 E8 neighbours ``c + v`` (``|v|^2 = 2``)
+   that is closer to ``u`` and still in the codebook, and repeat (at most ``search_steps`` times;
+   :func:`_local_search`).
+
+Measured (``benchmarks/README.md``; iid Gaussian 64-dim vectors, one-byte RMS scale): shrink + centroid
+alone 9.83 / 15.53 / 20.95 dB at 2 / 3 / 4 bits; with the search 10.43 / 15.94 / 21.40 dB, within 0.01 dB
+of an exhaustive nearest-codeword search at 2 bits (Lloyd-Max: 9.40 / 14.73 / 20.33 dB). Cost: about 20 s
+(2 bits) / 14 s (3 bits) / 7 s (4 bits) of one CPU core per million 64-dim vectors, encode + decode;
+decoding alone is one nearest-point call per block.
+
+Codebook membership is one nearest-point call: ``c`` is in the codebook iff ``e8_nearest(c / q) == 0``,
+exact because :func:`nqcompile.codec.e8.e8_nearest` breaks ties translation-equivariantly, which makes
+``{x : e8_nearest(x / q) = 0}`` a fundamental domain of ``q E8`` (a half-open Voronoi cell).
+
+Everything is vectorized over blocks; the only Python loops run over the fixed shrink grid, the
+search steps and chunks of 2**18 blocks that bound the working memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from nqcompile.codec.e8 import _e8
+from nqcompile.codec.packing import pack_bits, unpack_bits
+from nqcompile.codec.scalar import (
+    FixedRateCode,
+    LloydMaxCode,
+    UniformScalarCode,
+    check_decode_input,
+    check_dim,
+    check_encode_input,
+)
+
+__all__ = [
+    "E8LatticeCode",
+    "code_for",
+    "E8_GENERATOR",
+    "voronoi_centroid",
+    "DEFAULT_GAIN",
+    "DEFAULT_SHRINK_GRID",
+]
+
+#: Generator matrix of E8 (rows are basis vectors; Conway and Sloane, SPLAG ch. 4 eq. (98)).
+#: Lower triangular with diagonal (2, 1, 1, 1, 1, 1, 1, 1/2), determinant 1.
+E8_GENERATOR = torch.tensor(
+    [
+        [2.0, 0, 0, 0, 0, 0, 0, 0],
+        [-1, 1, 0, 0, 0, 0, 0, 0],
+        [0, -1, 1, 0, 0, 0, 0, 0],
+        [0, 0, -1, 1, 0, 0, 0, 0],
+        [0, 0, 0, -1, 1, 0, 0, 0],
+        [0, 0, 0, 0, -1, 1, 0, 0],
+        [0, 0, 0, 0, 0, -1, 1, 0],
+        [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+    ]
+)
+_GINV = torch.linalg.inv(E8_GENERATOR.double()).float()  # entries in (1/2) Z: exact in float32
+
+#: Lattice scaling per rate: reconstruction = gain * (codeword - centroid), for unit-RMS inputs.
+#: Tuned by ``python benchmarks/codec_distortion.py --tune-gain`` (iid Gaussian, 64-dim, one-byte
+#: ceil scales, default encoder); the SNR changes by less than 0.02 dB within +-2 % of these values.
+DEFAULT_GAIN = {2: 0.9464, 3: 0.5314, 4: 0.2906}
+
+#: Shrink factors tried for overloaded blocks (a = 1 is the plain nearest point, tried on every block).
+#: Six values do as well as thirteen once the local search runs (benchmarks/README.md).
+DEFAULT_SHRINK_GRID = (0.975, 0.9, 0.8, 0.7, 0.55, 0.4)
+
+_CHUNK = 1 << 18  # blocks per chunk (bounds the working memory to a few hundred MB)
+
+
+@functools.lru_cache(maxsize=None)
+def _minimal_vectors() -> Tensor:
+    """The 240 minimal vectors of E8 (squared norm 2), float32 [240, 8]."""
+    rows = []
+    for i, j in itertools.combinations(range(8), 2):
+        for si, sj in itertools.product((1.0, -1.0), repeat=2):
+            v = [0.0] * 8
+            v[i], v[j] = si, sj
+            rows.append(v)
+    for signs in itertools.product((0.5, -0.5), repeat=8):
+        if sum(s < 0 for s in signs) % 2 == 0:
+            rows.append(list(signs))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _labels(y: Tensor, q: int) -> Tensor:
+    """Coset labels of E8 points y [..., 8] (lattice units): (y G^-1) mod q, int64 in [0, q)."""
+    return torch.remainder(torch.round(y @ _GINV.to(y.device)), q).long()
+
+
+def _representatives(k: Tensor, q: int) -> Tensor:
+    """Codeword (Voronoi-region representative) of labels k [..., 8] in [0, q): float32, lattice units."""
+    y = k.to(torch.float32) @ E8_GENERATOR.to(k.device)
+    return y - q * _e8(y / q)
+
+
+def voronoi_centroid(bits: int, *, samples: int | None = None, seed: int = 0) -> Tensor:
+    """Centroid (mean point) of the codebook of E8 / 2^bits E8, in lattice units.
+
+    Exact enumeration of all ``2**(8 bits)`` labels when ``samples`` is None (a second at 2 bits, about a
+    minute at 3 bits, infeasible at 4 bits), otherwise the mean of ``samples`` uniformly random labels drawn with a
+    fixed seed (standard error about ``2**bits * 0.6 / sqrt(samples)`` per coordinate).
+
+    Returns:
+        float64 tensor ``[8]``.
+
+    Raises:
+        ValueError: if ``bits`` is not 2, 3 or 4.
+    """
+    _check_lattice_bits(bits, "voronoi_centroid")
+    q = 1 << bits
+    total = torch.zeros(8, dtype=torch.float64)
+    if samples is None:
+        low = torch.cartesian_prod(*[torch.arange(q)] * 4)  # [q^4, 4]
+        for hi in low:
+            k = torch.cat([low, hi.expand(low.shape[0], 4)], dim=1)
+            total += _representatives(k, q).double().sum(dim=0)
+        return total / float(q**8)
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < samples:
+        n = min(_CHUNK * 4, samples - done)
+        k = torch.randint(0, q, (n, 8), generator=g)
+        total += _representatives(k, q).double().sum(dim=0)
+        done += n
+    return total / float(samples)
+
+
+#: Codebook centroids (lattice units): exact enumeration at 2 and 3 bits, 2**26 random labels
+#: (seed 0) at 4 bits. Reproduce with :func:`voronoi_centroid`; tests check them.
+_CENTROIDS: dict[int, tuple[float, ...]] = {
+    2: (0.4697570801, -0.0207824707, -0.0392150879, -0.0563659668,
+        -0.0722351074, -0.0868225098, -0.1001281738, -0.1121520996),
+    3: (0.5146868229, -0.007307291, -0.0144579411, -0.0214602947,
+        -0.028314352, -0.035020113, -0.0415775776, -0.0479867458),
+    4: (0.5283162445, -0.003036797, -0.0055365413, -0.009548381,
+        -0.0117567182, -0.016131714, -0.0194892883, -0.0223165154),
+}
+
+
+def _check_lattice_bits(bits: int, owner: str) -> None:
+    if isinstance(bits, bool) or bits not in (2, 3, 4):
+        raise ValueError(
+            f"{owner}: the E8 lattice code supports bits = 2, 3 or 4 per dimension, got {bits!r}; use "
+            "code_for('lloyd_max', bits) or code_for('uniform', bits) for other rates"
+        )
+
+
+class E8LatticeCode:
+    """Fixed-rate E8 Voronoi code E8 / 2^bits E8: exactly ``bits`` bytes per 8-dim block.
+
+    See the module docstring for the construction (Conway and Sloane 1983; NestQuant 2025), the
+    centroid shift and the shrink + local-search encoder.
+
+    Args:
+        bits: bits per dimension, 2, 3 or 4.
+        gain: lattice scaling (reconstruction = ``gain * (codeword - centroid)``); default
+            :data:`DEFAULT_GAIN` ``[bits]``, tuned for unit-variance Gaussian coordinates.
+        shrink_grid: shrink factors tried for overloaded blocks (default :data:`DEFAULT_SHRINK_GRID`).
+        search_steps: local-search steps over E8 neighbours (0 disables the search; a block stops
+            early when no neighbour improves).
+        centroid_shift: shift the codebook by its centroid (True) or not.
+        shrink_early_stop: stop shrinking a block once ``a * u`` decodes inside the codebook.
+
+    Interface (:class:`nqcompile.codec.scalar.FixedRateCode`): ``bits``, ``encode``, ``decode``,
+    ``bytes_per_vector``.
+
+    Raises:
+        ValueError: on unsupported ``bits`` or invalid options.
+    """
+
+    name = "e8"
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        gain: float | None = None,
+        shrink_grid: tuple[float, ...] | None = None,
+        search_steps: int = 3,
+        centroid_shift: bool = True,
+        shrink_early_stop: bool = True,
+    ) -> None:
+        _check_lattice_bits(bits, "E8LatticeCode")
+        self.bits = bits
+        self.q = 1 << bits
+        self.gain = float(DEFAULT_GAIN[bits] if gain is None else gain)
+        if not (self.gain > 0 and math.isfinite(self.gain)):
+            raise ValueError(f"E8LatticeCode: gain must be a positive finite float, got {gain!r}")
+        grid = DEFAULT_SHRINK_GRID if shrink_grid is None else tuple(float(a) for a in shrink_grid)
+        if any(not 0 < a <= 1 for a in grid):
+            raise ValueError(f"E8LatticeCode: shrink factors must lie in (0, 1], got {grid}")
+        self.shrink_grid = grid
+        if not 0 <= search_steps <= 16:
+            raise ValueError(f"E8LatticeCode: search_steps must be in 0..16, got {search_steps}")
+        self.search_steps = int(search_steps)
+        self.centroid_shift = bool(centroid_shift)
+        self.shrink_early_stop = bool(shrink_early_stop)
+        if centroid_shift:
+            self.shift = torch.tensor(_CENTROIDS[bits], dtype=torch.float32)
+        else:
+            self.shift = torch.zeros(8, dtype=torch.float32)
+
+    # -- interface ---------------------------------------------------------------------------------
+
+    def bytes_per_vector(self, dim: int) -> int:
+        """Bytes of one encoded ``dim``-dim vector: ``dim * bits // 8`` (dim a multiple of 8)."""
+        check_dim(dim, "E8LatticeCode")
+        return dim * self.bits // 8
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Quantize unit-RMS vectors to packed E8 labels.
+
+        Args:
+            x: float tensor ``[..., D]`` (any float dtype, computed in float32), D a multiple of 8,
+                already divided by its per-vector scale (RMS about 1 per coordinate).
+
+        Returns:
+            uint8 tensor ``[..., D * bits // 8]``: per 8-dim block, the eight ``bits``-bit labels
+            ``k_0 .. k_7`` bit-packed little-endian (``nqcompile.codec.packing``).
+
+        Raises:
+            ValueError: on a non-float dtype, D not a multiple of 8, or inf/NaN values.
+        """
+        x = check_encode_input(x, "E8LatticeCode")
+        lead, dim = x.shape[:-1], x.shape[-1]
+        blocks = x.reshape(-1, 8)
+        labels = torch.empty(blocks.shape, dtype=torch.int64, device=x.device)
+        for start in range(0, blocks.shape[0], _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            labels[sl] = self._encode_blocks(blocks[sl])
+        return pack_bits(labels.reshape(*lead, dim), self.bits)
+
+    def decode(self, codes: Tensor, dim: int) -> Tensor:
+        """Reconstruct unit-RMS vectors from packed labels.
+
+        Args:
+            codes: uint8 tensor ``[..., dim * bits // 8]`` from :meth:`encode`.
+            dim: vector dimension D (a multiple of 8).
+
+        Returns:
+            float32 tensor ``[..., dim]``: ``gain * (codeword - centroid)`` per block.
+
+        Raises:
+            ValueError: on a non-uint8 dtype, a wrong last dimension or dim not a multiple of 8.
+        """
+        check_decode_input(codes, dim, self.bytes_per_vector(dim), "E8LatticeCode")
+        k = unpack_bits(codes, self.bits, dim)
+        lead = k.shape[:-1]
+        c = _representatives(k.reshape(-1, 8), self.q)
+        out = (c - self.shift.to(c.device)) * self.gain
+        return out.reshape(*lead, dim)
+
+    def codewords(self, codes: Tensor, dim: int) -> Tensor:
+        """Unshifted, unscaled codebook points (lattice units) of packed labels: float32 ``[..., dim/8, 8]``."""
+        check_decode_input(codes, dim, self.bytes_per_vector(dim), "E8LatticeCode")
+        k = unpack_bits(codes, self.bits, dim)
+        return _representatives(k.reshape(*k.shape[:-1], dim // 8, 8), self.q)
+
+    def __repr__(self) -> str:
+        return (
+            f"E8LatticeCode(bits={self.bits}, gain={self.gain:.4f}, grid={len(self.shrink_grid)}, "
+            f"search_steps={self.search_steps}, centroid_shift={self.centroid_shift})"
+        )
+
+    # -- encoder -----------------------------------------------------------------------------------
+
+    def _encode_blocks(self, xb: Tensor) -> Tensor:
+        """Labels int64 [N, 8] of blocks xb float32 [N, 8] (unit-RMS units)."""
+        q = self.q
+        u = xb / self.gain + self.shift.to(xb.device)  # lattice units
+        y = _e8(u)
+        z = _e8(y / q)
+        over = (z != 0).any(dim=-1).nonzero().squeeze(-1)  # y outside the codebook
+        if over.numel():
+            y[over] = self._overloaded(u[over], y[over] - q * z[over])
+        return _labels(y, q)
+
+    def _overloaded(self, uo: Tensor, wrapped: Tensor) -> Tensor:
+        """Codewords (lattice units, in the codebook) for overloaded blocks.
+
+        Args:
+            uo: float32 [n, 8], the blocks in lattice units.
+            wrapped: float32 [n, 8], the plain Voronoi encoder's codeword (nearest point, wrapped).
+        """
+        q = self.q
+        best_c = wrapped
+        best_d = (wrapped - uo).square().sum(dim=-1)
+        # 1. shrunken copies a * u, keep the codeword closest to the original u. A block stops
+        #    shrinking once a * u decodes inside the codebook (smaller a only moves away from u).
+        open_ = torch.arange(uo.shape[0], device=uo.device)
+        for a in self.shrink_grid:
+            if open_.numel() == 0:
+                break
+            u_open = uo[open_]
+            ya = _e8(a * u_open)
+            za = _e8(ya / q)
+            ca = ya - q * za  # its representative (wrapped if still outside)
+            da = (ca - u_open).square().sum(dim=-1)
+            better = da < best_d[open_]
+            best_d[open_[better]] = da[better]
+            best_c[open_[better]] = ca[better]
+            if self.shrink_early_stop:
+                open_ = open_[(za != 0).any(dim=-1)]
+        # 2. local search over the 240 E8 neighbours (see _local_search).
+        _local_search(uo, best_c, q, self.search_steps)
+        return best_c
+
+
+def _local_search(u: Tensor, best_c: Tensor, q: int, steps: int) -> None:
+    """Greedy descent over the 240 E8 neighbours, updating the codewords ``best_c`` [n, 8] in place.
+
+    A move ``c -> c + v`` with ``|v|^2 = 2`` changes the squared distance to ``u`` [n, 8] by
+    ``2 - 2 v.(u - c)``; each step takes the largest decrease among the neighbours that stay in the
+    codebook (``e8_nearest((c + v) / q) == 0``, tested only for the improving ones). A row leaves the
+    search as soon as no improving neighbour is in the codebook (a local optimum).
+    """
+    vecs = _minimal_vectors().to(u.device)
+    active = torch.arange(u.shape[0], device=u.device)
+    for _ in range(steps):
+        c = best_c[active]
+        dots = (u[active] - c) @ vecs.T  # [m, 240]
+        keep = dots.amax(dim=-1) > 1.0  # else: no neighbour is closer at all
+        active, c, dots = active[keep], c[keep], dots[keep]
+        if active.numel() == 0:
+            return
+        ri, vi = (dots > 1.0).nonzero(as_tuple=True)  # improving moves only
+        member = (_e8((c[ri] + vecs[vi]) / q) == 0).all(dim=-1)
+        score = torch.full_like(dots, -math.inf)
+        score[ri[member], vi[member]] = dots[ri[member], vi[member]]
+        best, j = score.max(dim=-1)
+        moved = best > -math.inf
+        best_c[active[moved]] = c[moved] + vecs[j[moved]]
+        active = active[moved]
+
+
+@functools.lru_cache(maxsize=None)
+def code_for(kind: str, bits: int) -> FixedRateCode:
+    """Factory of fixed-rate codes sharing the :class:`~nqcompile.codec.scalar.FixedRateCode` interface.
+
+    Args:
+        kind: ``"e8"`` (:class:`E8LatticeCode`, bits 2..4), ``"lloyd_max"``
+            (:class:`~nqcompile.codec.scalar.LloydMaxCode`, bits 1..8) or ``"uniform"``
+            (:class:`~nqcompile.codec.scalar.UniformScalarCode`, bits 1..8).
+        bits: bits per dimension.
+
+    Returns:
+        A code object with default settings (cached: the same object for the same arguments; treat it
+        as immutable).
+
+    Raises:
+        ValueError: on an unknown kind or unsupported bits.
+    """
+    if kind == "e8":
+        return E8LatticeCode(bits)
+    if kind == "lloyd_max":
+        return LloydMaxCode(bits)
+    if kind == "uniform":
+        return UniformScalarCode(bits)
+    raise ValueError(f"code_for: kind must be 'e8', 'lloyd_max' or 'uniform', got {kind!r}")
