@@ -220,9 +220,9 @@ class NexusLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         self._check_logical(key.shape[2])
+        self.logical_len = key.shape[2]
         self._compress(None, key, value, real, positions, key.shape[-1] ** -0.5)
         self.chunks = 1
-        self.logical_len = key.shape[2]
 
     # ------------------------------------------------------------------ storage
     @property
@@ -308,12 +308,10 @@ class NexusLayer(CacheLayerMixin):
         q_len = key.shape[2]
         self._check_logical(q_len)
         self.rotary.check_length(self.logical_len + q_len)
+        self.logical_len += q_len  # before storing: capacity is sized from the tokens still to come
         if self.chunks > 0 and (q_len == 1 or self.replay_as_decode):
-            out = self._decode(query, key, value, positions, scaling)
-        else:
-            out = self._chunk(query, key, value, real, positions, scaling)
-        self.logical_len += q_len
-        return out
+            return self._decode(query, key, value, positions, scaling)
+        return self._chunk(query, key, value, real, positions, scaling)
 
     def _exact_segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sinks and window: keys/values ``[B, H, S + R, D]`` and validity ``[B, S + R]``."""

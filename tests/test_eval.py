@@ -239,9 +239,9 @@ def test_cli_generate_runs_end_to_end(tmp_path, capsys):
     from nqcompile.cli import main
 
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text(read_data_text("prompt.txt")[:1500])
+    prompt.write_text(read_data_text("prompt.txt")[:600])
     # no subcommand: generate is the default
-    assert main(["--prompt-file", str(prompt), "--max-new-tokens", "5", "--held-tokens", "12", "--preset", "balanced"]) == 0
+    assert main(["--prompt-file", str(prompt), "--max-new-tokens", "3", "--held-tokens", "4", "--preset", "balanced"]) == 0
     out = capsys.readouterr().out
-    for needle in ("--- continuation (5 tokens", "--- KV cache", "ratio", "decode: 4 tokens", "12 held-out tokens", "compressed cache (preset balanced)"):
+    for needle in ("--- continuation (3 tokens", "--- KV cache", "ratio", "decode: 2 tokens", "4 held-out tokens", "compressed cache (preset balanced)"):
         assert needle in out, out

@@ -82,8 +82,73 @@ def _d8(x: Tensor) -> Tensor:
     return f.scatter_add(-1, k, step)
 
 
+#: Blocks per slice of the coordinate-major kernel (keeps its temporaries in the CPU caches).
+_SLICE = 1 << 14
+_SIGNLESS = 0x7FFFFFF8  # |err| bits with the 3 low mantissa bits cleared (see _d8)
+_SIGN_BIT = -(1 << 31)
+_ONE_BITS = 0x3F800000  # float32 1.0
+_INT32_MAX = (1 << 31) - 1
+_REV8_COL = (7 - torch.arange(8, dtype=torch.int32)).reshape(1, 8, 1)
+
+
+def _e8_t_slice(x: Tensor, out: Tensor) -> None:
+    """:func:`_e8_t` on one slice: x float32 [8, n] (any strides), result written to out [8, n].
+
+    Branch-free: torch.where and boolean tensors are slow on CPU for random masks, so the selections
+    are integer bit operations on the float32 bit patterns (exact).
+    """
+    n = x.shape[1]
+    xs = torch.empty((2, 8, n), dtype=torch.float32, device=x.device)
+    # Coset 0: x (+ 0.0 turns -0.0 into +0.0, which changes no result: only err's sign bit, and
+    # _d8 treats err = -0.0 like +0.0). Coset 1: x - 1/2, exactly as _e8 computes it.
+    torch.add(x, 0.0, out=xs[0])
+    torch.sub(x, 0.5, out=xs[1])
+    f = torch.add(xs, 0.5).floor_()
+    err = torch.sub(xs, f)
+    ebits = err.view(torch.int32)
+    # The re-rounded coordinate: the first one of largest |err| (the same keys as _d8's fast path).
+    key = torch.bitwise_and(ebits, _SIGNLESS).bitwise_or_(_REV8_COL.to(x.device))
+    kmax = key.amax(dim=1, keepdim=True)  # [2, 1, n], >= 7
+    # thr = kmax - 1 for odd blocks (integer sums: exact), INT32_MAX for even ones, so that the sign
+    # bit of thr - key is set exactly at the re-rounded coordinate of odd blocks (no overflow: keys
+    # are non-negative int32).
+    even = 1 - torch.remainder(f.sum(dim=1, keepdim=True), 2.0)
+    thr = (kmax - 1).bitwise_or_(even.to(torch.int32).mul_(_INT32_MAX))
+    fix = torch.sub(thr, key).bitwise_right_shift_(31)  # -1 at the re-rounded coordinate, else 0
+    # step: +1.0 where err >= 0 (err is never -0.0 here), -1.0 where err < 0, as float32 bits;
+    # kept only at the re-rounded coordinate (+0.0 elsewhere).
+    step = torch.bitwise_and(ebits, _SIGN_BIT).bitwise_or_(_ONE_BITS).bitwise_and_(fix)
+    y = f.add_(step.view(torch.float32))
+    y[1] += 0.5
+    d = torch.sub(xs[0], y).square_().sum(dim=1)  # [2, n]; sequential sum over the 8 rows = sum(dim=-1)
+    y0, y1 = y[0], y[1]
+    take0 = (d[0] < d[1]) | ((d[0] == d[1]) & (y0[0] < y1[0]))  # [n]
+    sel = take0.to(torch.int32).neg_()  # -1: candidate 0
+    b0, b1 = y0.view(torch.int32), y1.view(torch.int32)
+    torch.bitwise_xor(torch.bitwise_xor(b0, b1).bitwise_and_(sel), b1, out=out.view(torch.int32))
+
+
+def _e8_t(x: Tensor) -> Tensor:
+    """Nearest E8 point in the coordinate-major layout, no checks: x float32 [8, N] -> [8, N].
+
+    Bit-identical to ``_e8(x.T).T`` (the same floating-point operations per element; sums over the
+    8 coordinates run in the same sequential order as ``Tensor.sum(dim=-1)`` over 8 elements, which
+    the tests check), but every reduction over the 8 coordinates becomes elementwise work on
+    contiguous rows, processed in cache-sized slices.
+    """
+    n = x.shape[1]
+    out = torch.empty((8, n), dtype=torch.float32, device=x.device)
+    for start in range(0, n, _SLICE):
+        sl = slice(start, start + _SLICE)
+        _e8_t_slice(x[:, sl], out[:, sl])
+    return out
+
+
 def _e8(x: Tensor) -> Tensor:
     """Nearest E8 point, no checks; x float32/float64 [..., 8]."""
+    if x.dtype == torch.float32 and x.numel() >= 8 * 64:
+        lead = x.shape[:-1]
+        return _e8_t(x.reshape(-1, 8).T).T.reshape(*lead, 8)
     y0 = _d8(x)
     y1 = _d8(x - 0.5) + 0.5
     d0 = (x - y0).square().sum(dim=-1, keepdim=True)

@@ -1,0 +1,327 @@
+"""Perplexity through a (compressed) KV cache, the way generation would use it.
+
+Protocol (DESIGN.md, "Evaluation protocol"): for one window of ``prefix + continuation`` tokens, prefill
+the first ``prefix`` tokens in one chunk (exact attention; a compressed cache compresses at the end of the
+chunk), then feed the continuation ONE token at a time through the same cache (teacher forcing, exactly
+as ``generate`` would) and sum the negative log-likelihood of the continuation's tokens. The first
+continuation token is predicted by the prefill's last logits, so ``continuation`` tokens are scored and
+``continuation - 1`` single-token steps are run. The baseline is the same loop with ``DynamicCache()``.
+
+Windows come from the public-domain Austen novels vendored in ``nqcompile/data/``; they are chosen
+deterministically from non-overlapping slots by a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nqcompile.models import cache_kwarg_name
+
+__all__ = [
+    "DATA_DIR",
+    "NOVELS",
+    "read_data_text",
+    "tokenize_text",
+    "Window",
+    "perplexity_windows",
+    "window_nll",
+    "WindowResult",
+    "run_windows",
+    "perplexity",
+    "ppl_change_percent",
+    "BootstrapCI",
+    "bootstrap_ci",
+]
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: Novels (files in ``DATA_DIR``) that perplexity windows and needle haystacks are drawn from.
+NOVELS = ("persuasion.txt", "northanger_abbey.txt")
+
+
+def read_data_text(name: str) -> str:
+    """Return the text of a file vendored in ``nqcompile/data/`` (e.g. ``"prompt.txt"``).
+
+    Raises:
+        FileNotFoundError: no such file in the package's data folder.
+    """
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} is not in {DATA_DIR}")
+    return path.read_text(encoding="utf-8")
+
+
+def tokenize_text(tokenizer, text: str) -> list[int]:
+    """Tokenize a long text without special tokens (no BOS) and without length warnings.
+
+    Returns:
+        The token ids, a ``list[int]``.
+    """
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class Window:
+    """One perplexity window.
+
+    Attributes:
+        source: file name of the novel it comes from.
+        start: index of its first token in that novel's token sequence.
+        prefix: number of prefill tokens (the rest is the continuation).
+        input_ids: ``(1, prefix + continuation)`` int64 token ids, on the CPU.
+    """
+
+    source: str
+    start: int
+    prefix: int
+    input_ids: torch.Tensor = field(repr=False)
+
+    @property
+    def continuation(self) -> int:
+        """Number of continuation tokens (the tokens that are scored)."""
+        return self.input_ids.shape[1] - self.prefix
+
+
+def perplexity_windows(
+    tokenizer,
+    *,
+    n_windows: int = 8,
+    prefix: int = 3584,
+    continuation: int = 512,
+    seed: int = 0,
+    novels: Sequence[str] = NOVELS,
+) -> list[Window]:
+    """Draw ``n_windows`` deterministic token windows from the vendored novels.
+
+    Each novel is tokenized whole (no special tokens) and cut into non-overlapping slots of
+    ``prefix + continuation`` tokens; ``n_windows`` slots are drawn without replacement by
+    ``numpy.random.default_rng(seed)`` and returned sorted by (novel order, start).
+
+    Args:
+        tokenizer: a HuggingFace tokenizer.
+        n_windows: number of windows (>= 1).
+        prefix: prefill length P in tokens (>= 1).
+        continuation: scored continuation length C in tokens (>= 1).
+        seed: seed of the slot draw; same seed and tokenizer give the same windows.
+        novels: file names in ``nqcompile/data/``.
+
+    Returns:
+        A list of :class:`Window`, each with ``input_ids`` of shape ``(1, prefix + continuation)``.
+
+    Raises:
+        ValueError: non-positive sizes, or more windows asked for than the novels hold.
+    """
+    if n_windows < 1 or prefix < 1 or continuation < 1:
+        raise ValueError(f"n_windows, prefix and continuation must be >= 1, got {n_windows}, {prefix}, {continuation}")
+    span = prefix + continuation
+    token_lists = {name: tokenize_text(tokenizer, read_data_text(name)) for name in novels}
+    slots = [(name, start) for name in novels for start in range(0, len(token_lists[name]) - span + 1, span)]
+    if n_windows > len(slots):
+        raise ValueError(f"asked for {n_windows} windows of {span} tokens but the novels hold only {len(slots)}")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(slots), size=n_windows, replace=False).tolist())
+    windows = []
+    for i in chosen:
+        name, start = slots[i]
+        ids = torch.tensor([token_lists[name][start : start + span]], dtype=torch.long)
+        windows.append(Window(source=name, start=start, prefix=prefix, input_ids=ids))
+    return windows
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of NLL (nats) of ``targets`` ``(B,)`` under ``logits`` ``(B, V)``, computed in float32."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+
+
+@torch.inference_mode()
+def window_nll(
+    model,
+    input_ids: torch.Tensor,
+    prefix: int,
+    cache,
+    *,
+    timings: dict | None = None,
+    progress: bool = False,
+    desc: str = "decode",
+) -> tuple[float, int]:
+    """Negative log-likelihood of a continuation fed token by token through ``cache``.
+
+    Prefills ``input_ids[:, :prefix]`` in one forward call, then feeds ``input_ids[:, t:t+1]`` for
+    ``t = prefix .. T-2`` one at a time, scoring tokens ``prefix .. T-1``.
+
+    Args:
+        model: a HuggingFace causal LM (in eval mode).
+        input_ids: ``(B, T)`` int64 token ids, no padding; moved to the model's device.
+        prefix: number of prefill tokens, ``1 <= prefix < T``.
+        cache: a fresh, empty ``transformers.Cache`` (``DynamicCache()`` or ``nqcompile.NexusCache``).
+        timings: if a dict is given, it receives ``prefill_s`` (prefill forward, including the cache's
+            compression at the end of the chunk), ``decode_s`` (all single-token steps) and
+            ``decode_steps`` (their number), wall-clock seconds.
+        progress: show a tqdm bar over the single-token steps.
+        desc: the bar's label.
+
+    Returns:
+        ``(nll_sum, n_tokens)``: summed NLL in nats (float) and the number of scored tokens
+        ``B * (T - prefix)``. Perplexity is ``exp(nll_sum / n_tokens)``.
+
+    Raises:
+        ValueError: ``input_ids`` is not 2-D or ``prefix`` is out of range.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    total = input_ids.shape[1]
+    if not 1 <= prefix < total:
+        raise ValueError(f"prefix must be in [1, {total - 1}], got {prefix}")
+    kw = {cache_kwarg_name(model): cache, "use_cache": True, "logits_to_keep": 1}
+    ids = input_ids.to(model.device)
+    t0 = time.perf_counter()
+    logits = model(ids[:, :prefix], **kw).logits[:, -1]
+    t1 = time.perf_counter()
+    nll = 0.0
+    steps = range(prefix, total - 1)
+    for t in tqdm(steps, desc=desc, leave=False, disable=not progress):
+        nll += _token_nll(logits, ids[:, t])
+        logits = model(ids[:, t : t + 1], **kw).logits[:, -1]
+    nll += _token_nll(logits, ids[:, total - 1])
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(steps))
+    return nll, ids.shape[0] * (total - prefix)
+
+
+@dataclass
+class WindowResult:
+    """Outcome of one window through one cache.
+
+    Attributes:
+        nll_sum: summed NLL of the continuation, nats.
+        n_tokens: number of scored tokens.
+        prefill_s, decode_s: wall-clock seconds of the prefill and of the single-token steps.
+        decode_steps: number of single-token steps.
+        memory: the cache's ``memory_report()`` at the end of the window, or None if it has none.
+    """
+
+    nll_sum: float
+    n_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    memory: object | None = None
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(nll_sum / n_tokens)``."""
+        return perplexity(self.nll_sum, self.n_tokens)
+
+
+def run_windows(
+    model,
+    windows: Sequence[Window],
+    cache_factory: Callable[[int], object],
+    *,
+    desc: str = "windows",
+    progress: bool = True,
+) -> list[WindowResult]:
+    """Run :func:`window_nll` on every window with a fresh cache from ``cache_factory``.
+
+    Args:
+        model: a HuggingFace causal LM.
+        windows: from :func:`perplexity_windows`.
+        cache_factory: ``cache_factory(max_cache_len: int) -> Cache``; called once per window with the
+            window's total length in tokens.
+        desc: tqdm label.
+        progress: show tqdm bars.
+
+    Returns:
+        One :class:`WindowResult` per window, in order.
+    """
+    results = []
+    for w in tqdm(windows, desc=desc, disable=not progress):
+        cache = cache_factory(w.input_ids.shape[1])
+        timings: dict = {}
+        nll, n = window_nll(model, w.input_ids, w.prefix, cache, timings=timings, progress=progress)
+        memory = cache.memory_report() if hasattr(cache, "memory_report") else None
+        results.append(WindowResult(nll, n, timings["prefill_s"], timings["decode_s"], timings["decode_steps"], memory))
+    return results
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """Perplexity ``exp(nll_sum / n_tokens)`` from a summed NLL in nats."""
+    return math.exp(nll_sum / n_tokens)
+
+
+def ppl_change_percent(nll_sum: float, baseline_nll_sum: float, n_tokens: int) -> float:
+    """Perplexity change in percent of a run against a baseline on the same tokens.
+
+    ``100 * (exp((nll_sum - baseline_nll_sum) / n_tokens) - 1)``; positive means worse than the baseline.
+    """
+    return 100.0 * math.expm1((nll_sum - baseline_nll_sum) / n_tokens)
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Mean of a sample and its percentile-bootstrap confidence interval.
+
+    Attributes:
+        mean: sample mean.
+        low, high: interval bounds (equal to ``mean`` for a single value).
+        confidence: e.g. 0.95.
+        n: sample size.
+    """
+
+    mean: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> BootstrapCI:
+    """Percentile-bootstrap confidence interval of the mean (e.g. of per-window % perplexity changes).
+
+    Resamples ``values`` with replacement ``n_resamples`` times with ``numpy.random.default_rng(seed)``,
+    and takes the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the resampled means.
+
+    Args:
+        values: 1-D sample (finite floats), at least one value.
+        confidence: in (0, 1).
+        n_resamples: number of bootstrap resamples (>= 1).
+        seed: generator seed; the same inputs give the same interval.
+
+    Returns:
+        A :class:`BootstrapCI`.
+
+    Raises:
+        ValueError: empty or non-finite sample, or arguments out of range.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"bootstrap_ci got non-finite values: {x}")
+    if not 0.0 < confidence < 1.0 or n_resamples < 1:
+        raise ValueError(f"confidence must be in (0, 1) and n_resamples >= 1, got {confidence}, {n_resamples}")
+    mean = float(x.mean())
+    if x.size == 1:
+        return BootstrapCI(mean, mean, mean, confidence, 1)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return BootstrapCI(mean, float(low), float(high), confidence, int(x.size))
