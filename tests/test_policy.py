@@ -24,6 +24,21 @@ def test_select_kept_equals_brute_force(batch, heads, length, data):
             assert index[b, h, : int(count[b])].tolist() == best
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 60), st.sampled_from([3, 5, 7]), st.data())
+def test_pooled_selection_keeps_only_candidates(batch, length, kernel, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    scores = torch.randn(batch, 2, length, generator=g)
+    candidate = torch.rand(batch, length, generator=g) < 0.5
+    budget = torch.full((batch,), length)
+    index, count = select_kept(scores, candidate, budget, pooling_kernel=kernel)
+    for b in range(batch):
+        assert count[b] == int(candidate[b].sum())
+        for h in range(2):
+            chosen = index[b, h, : int(count[b])]
+            assert candidate[b, chosen].all() and len(set(chosen.tolist())) == int(count[b])
+
+
 def test_pyramid_budget_keeps_mean_ratio():
     ratios = layer_eviction_ratios(0.5, 30, "pyramid")
     assert abs(sum(ratios) / 30 - 0.5) < 1e-9

@@ -51,6 +51,7 @@ def select_kept(scores: torch.Tensor, candidate: torch.Tensor, budget: torch.Ten
     pooled = raw
     if pooling_kernel > 1:
         pooled = F.max_pool1d(raw, pooling_kernel, stride=1, padding=pooling_kernel // 2)
+        pooled = pooled.masked_fill(~candidate[:, None], float("-inf"))  # pooling spreads into non-candidates
     count = torch.minimum(budget.to(torch.int64), candidate.sum(-1))
     # Max-pooling makes plateaus of equal scores: rank by pooled score, then raw score, then position
     # (two stable sorts), so the choice never depends on where padding put the tokens.
