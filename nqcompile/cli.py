@@ -153,9 +153,9 @@ def _generate(args: argparse.Namespace) -> int:
     if held:
         print(f"\n--- quality: perplexity of the {held} held-out tokens that follow the prompt ---")
         window = ids[:, : n_prompt + held]
-        exact_nll, n = window_nll(model, window, n_prompt, DynamicCache(), progress=True, desc="held tokens, exact cache")
+        exact_nll, n = window_nll(model, window, n_prompt, DynamicCache())
         cache = nqcompile.NexusCache(model.config, preset=args.preset, max_cache_len=n_prompt + held)
-        comp_nll, _ = window_nll(model, window, n_prompt, cache, progress=True, desc="held tokens, compressed cache")
+        comp_nll, _ = window_nll(model, window, n_prompt, cache)
         print(f"exact cache (DynamicCache):        {perplexity(exact_nll, n):.3f}")
         print(
             f"compressed cache (preset {args.preset}): {perplexity(comp_nll, n):.3f}  "

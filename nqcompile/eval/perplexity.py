@@ -2,10 +2,11 @@
 
 Protocol (DESIGN.md, "Evaluation protocol"): for one window of ``prefix + continuation`` tokens, prefill
 the first ``prefix`` tokens in one chunk (exact attention; a compressed cache compresses at the end of the
-chunk), then feed the continuation ONE token at a time through the same cache (teacher forcing, exactly
-as ``generate`` would) and sum the negative log-likelihood of the continuation's tokens. The first
-continuation token is predicted by the prefill's last logits, so ``continuation`` tokens are scored and
-``continuation - 1`` single-token steps are run. The baseline is the same loop with ``DynamicCache()``.
+chunk), then run the continuation through the same cache as decode steps (teacher forcing, exactly as
+``generate`` would: a ``NexusCache`` replays the ``continuation - 1`` steps in one forward with
+``replay_as_decode``, same codes and logits as one token at a time) and sum the negative log-likelihood
+of the continuation's tokens. The first continuation token is predicted by the prefill's last logits, so
+``continuation`` tokens are scored. The baseline is the same with ``DynamicCache()``.
 
 Windows come from the public-domain Austen novels vendored in ``nqcompile/data/``; they are chosen
 deterministically from non-overlapping slots by a seeded generator.
@@ -13,6 +14,7 @@ deterministically from non-overlapping slots by a seeded generator.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -135,11 +137,6 @@ def perplexity_windows(
     return windows
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Sum of NLL (nats) of ``targets`` ``(B,)`` under ``logits`` ``(B, V)``, computed in float32."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
-
-
 @torch.inference_mode()
 def window_nll(
     model,
@@ -148,13 +145,15 @@ def window_nll(
     cache,
     *,
     timings: dict | None = None,
-    progress: bool = False,
-    desc: str = "decode",
 ) -> tuple[float, int]:
-    """Negative log-likelihood of a continuation fed token by token through ``cache``.
+    """Negative log-likelihood of a continuation fed through ``cache`` as decode steps.
 
-    Prefills ``input_ids[:, :prefix]`` in one forward call, then feeds ``input_ids[:, t:t+1]`` for
-    ``t = prefix .. T-2`` one at a time, scoring tokens ``prefix .. T-1``.
+    Prefills ``input_ids[:, :prefix]`` in one forward call, then runs the continuation
+    ``input_ids[:, prefix:T-1]`` as decode steps, scoring tokens ``prefix .. T-1``. A
+    :class:`~nqcompile.NexusCache` replays those steps in one forward
+    (:meth:`~nqcompile.NexusCache.replay_as_decode`: the same codes, flushes and logits as feeding one token
+    at a time, which ``tests/test_cache_compressed.py`` checks); a ``DynamicCache`` gives the same logits
+    for a chunk as for single tokens.
 
     Args:
         model: a HuggingFace causal LM (in eval mode).
@@ -162,10 +161,8 @@ def window_nll(
         prefix: number of prefill tokens, ``1 <= prefix < T``.
         cache: a fresh, empty ``transformers.Cache`` (``DynamicCache()`` or ``nqcompile.NexusCache``).
         timings: if a dict is given, it receives ``prefill_s`` (prefill forward, including the cache's
-            compression at the end of the chunk), ``decode_s`` (all single-token steps) and
-            ``decode_steps`` (their number), wall-clock seconds.
-        progress: show a tqdm bar over the single-token steps.
-        desc: the bar's label.
+            compression at the end of the chunk), ``decode_s`` (the continuation) and ``decode_steps``
+            (its number of tokens), wall-clock seconds.
 
     Returns:
         ``(nll_sum, n_tokens)``: summed NLL in nats (float) and the number of scored tokens
@@ -179,21 +176,20 @@ def window_nll(
     total = input_ids.shape[1]
     if not 1 <= prefix < total:
         raise ValueError(f"prefix must be in [1, {total - 1}], got {prefix}")
-    kw = {cache_kwarg_name(model): cache, "use_cache": True, "logits_to_keep": 1}
+    kw = {cache_kwarg_name(model): cache, "use_cache": True}
     ids = input_ids.to(model.device)
     t0 = time.perf_counter()
-    logits = model(ids[:, :prefix], **kw).logits[:, -1]
+    first = model(ids[:, :prefix], logits_to_keep=1, **kw).logits[:, -1:]
     t1 = time.perf_counter()
-    nll = 0.0
-    steps = range(prefix, total - 1)
-    for t in tqdm(steps, desc=desc, leave=False, disable=not progress):
-        nll += _token_nll(logits, ids[:, t])
-        logits = model(ids[:, t : t + 1], **kw).logits[:, -1]
-    nll += _token_nll(logits, ids[:, total - 1])
+    replay = cache.replay_as_decode() if hasattr(cache, "replay_as_decode") else contextlib.nullcontext()
+    with replay:
+        rest = model(ids[:, prefix : total - 1], **kw).logits if total - prefix > 1 else first[:, :0]
+    logits = torch.cat([first, rest], 1).float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, prefix:].flatten(), reduction="sum")
     t2 = time.perf_counter()
     if timings is not None:
-        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(steps))
-    return nll, ids.shape[0] * (total - prefix)
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=total - prefix - 1)
+    return float(nll), ids.shape[0] * (total - prefix)
 
 
 @dataclass
@@ -246,7 +242,7 @@ def run_windows(
     for w in tqdm(windows, desc=desc, disable=not progress):
         cache = cache_factory(w.input_ids.shape[1])
         timings: dict = {}
-        nll, n = window_nll(model, w.input_ids, w.prefix, cache, timings=timings, progress=progress)
+        nll, n = window_nll(model, w.input_ids, w.prefix, cache, timings=timings)
         memory = cache.memory_report() if hasattr(cache, "memory_report") else None
         results.append(WindowResult(nll, n, timings["prefill_s"], timings["decode_s"], timings["decode_steps"], memory))
     return results
