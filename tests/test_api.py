@@ -1,0 +1,63 @@
+"""compress_kv_cache and optimize(): the user entry points."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import nqcompile
+from tiny_models import tiny_model
+
+
+def _decode(model, cache, tokens):
+    return torch.cat([model(tokens[:, t:t + 1], past_key_values=cache).logits for t in range(tokens.shape[1])], 1)
+
+
+def test_compress_kv_cache_exact_continues_like_the_dynamic_cache():
+    model = nqcompile.optimize(tiny_model("llama"), "balanced")
+    gen = torch.Generator().manual_seed(0)
+    prompt, more = torch.randint(1, 256, (2, 50), generator=gen), torch.randint(1, 256, (2, 20), generator=gen)
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        model(prompt, past_key_values=ref_cache)
+        ref = _decode(model, ref_cache, more)
+        src = DynamicCache()
+        model(prompt, past_key_values=src)
+        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, key_bits=None, value_bits=None,
+                                            eviction_ratio=0.0, recent_window=16)
+        assert cache.get_seq_length() == 50
+        got = _decode(model, cache, more)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_compress_kv_cache_quantizes_and_evicts_with_key_norm():
+    model = nqcompile.optimize(tiny_model("qwen2"), "balanced")
+    prompt = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        src = DynamicCache()
+        model(prompt, past_key_values=src)
+        with pytest.raises(ValueError, match="key_norm"):
+            nqcompile.compress_kv_cache(src, "balanced", config=model.config)
+        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="key_norm",
+                                            recent_window=16)
+        assert cache.layers[0]._host_code_len[0] == round(200 * 0.5) - 4 - 16
+        out = model(prompt[:, :1], past_key_values=cache)  # the full window flushes one block first
+    assert torch.isfinite(out.logits).all()
+    assert cache.layers[0]._host_code_len[0] == round(200 * 0.5) - 4
+    report = cache.memory_report()  # no max_cache_len: the code buffers grew, the slack is reported
+    assert report.unused_capacity_bytes > 0
+    assert report.bf16_bytes / (report.allocated_bytes - report.unused_capacity_bytes) > 3
+
+
+def test_optimize_generate_sizes_the_cache_and_continues_a_conversation():
+    model = nqcompile.optimize(tiny_model("llama"), "asym", recent_window=16)
+    gen = torch.Generator().manual_seed(2)
+    turn1 = torch.randint(1, 256, (1, 60), generator=gen)
+    out = model.generate(turn1, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, nqcompile.NexusCache) and cache.max_cache_len == 68
+    turn2 = torch.cat([out.sequences, torch.randint(1, 256, (1, 12), generator=gen)], 1)
+    out2 = model.generate(turn2, max_new_tokens=8, do_sample=False, past_key_values=cache,
+                          return_dict_in_generate=True)
+    assert out2.past_key_values is cache
+    assert out2.sequences.shape[1] == turn2.shape[1] + 8
+    assert cache.get_seq_length() == turn2.shape[1] + 7
