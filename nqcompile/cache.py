@@ -396,9 +396,11 @@ class NexusLayer(CacheLayerMixin):
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
         own = (causal[None] & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=self.device)[None]
         mask = torch.cat([valid[:, None, :].expand(-1, q_len, -1), own], dim=-1)
-        out = ops.dequant_attention(query, self.k_codes, self.k_scales, self.v_codes, self.v_scales,
-                                    self._code_positions(), self.code_len, torch.cat([ek, key], 2),
-                                    torch.cat([ev, value], 2), mask, *self._codec_args(), scaling)
+        n = max(self._host_code_len)  # slots past every sequence's end need no decoding
+        out = ops.dequant_attention(query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
+                                    self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len,
+                                    torch.cat([ek, key], 2), torch.cat([ev, value], 2), mask, *self._codec_args(),
+                                    scaling)
         self._compress(query, key, value, real, positions, scaling)
         self.chunks += 1
         return out
