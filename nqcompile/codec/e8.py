@@ -91,7 +91,20 @@ _INT32_MAX = (1 << 31) - 1
 _REV8_COL = (7 - torch.arange(8, dtype=torch.int32)).reshape(1, 8, 1)
 
 
-def _e8_t_slice(x: Tensor, out: Tensor) -> None:
+def _rowsum(t: Tensor) -> Tensor:
+    """Sum over the 8 coordinate rows (dim -2) of t [..., 8, n], in sequential order.
+
+    ``((t_0 + t_1) + t_2) + ... + t_7``: the order in which ``Tensor.sum(dim=-1)`` adds 8 contiguous
+    float32 values on CPU (checked by the tests), so that squared distances round exactly as in the
+    row-major code. (``sum(dim=-2)`` may use another order on some columns.)
+    """
+    acc = t[..., 0, :] + t[..., 1, :]
+    for i in range(2, 8):
+        acc += t[..., i, :]
+    return acc
+
+
+def _e8_t_slice(x: Tensor, out: Tensor, zero_only: bool = False) -> None:
     """:func:`_e8_t` on one slice: x float32 [8, n] (any strides), result written to out [8, n].
 
     Branch-free: torch.where and boolean tensors are slow on CPU for random masks, so the selections
@@ -109,20 +122,28 @@ def _e8_t_slice(x: Tensor, out: Tensor) -> None:
     # The re-rounded coordinate: the first one of largest |err| (the same keys as _d8's fast path).
     key = torch.bitwise_and(ebits, _SIGNLESS).bitwise_or_(_REV8_COL.to(x.device))
     kmax = key.amax(dim=1, keepdim=True)  # [2, 1, n], >= 7
-    # thr = kmax - 1 for odd blocks (integer sums: exact), INT32_MAX for even ones, so that the sign
-    # bit of thr - key is set exactly at the re-rounded coordinate of odd blocks (no overflow: keys
-    # are non-negative int32).
-    even = 1 - torch.remainder(f.sum(dim=1, keepdim=True), 2.0)
-    thr = (kmax - 1).bitwise_or_(even.to(torch.int32).mul_(_INT32_MAX))
+    # thr = kmax - 1 for odd blocks, INT32_MAX for even ones, so that the sign bit of thr - key is set
+    # exactly at the re-rounded coordinate of odd blocks (no overflow: keys are non-negative int32).
+    # The coordinate sum is added in _d8's order (it only rounds for |x| beyond about 2**21).
+    odd = _rowsum(f).unsqueeze(1).to(torch.int32).bitwise_and_(1)  # 1 where the sum is odd
+    thr = (kmax - 1).bitwise_or_(odd.sub_(1).bitwise_and_(_INT32_MAX))
     fix = torch.sub(thr, key).bitwise_right_shift_(31)  # -1 at the re-rounded coordinate, else 0
     # step: +1.0 where err >= 0 (err is never -0.0 here), -1.0 where err < 0, as float32 bits;
     # kept only at the re-rounded coordinate (+0.0 elsewhere).
     step = torch.bitwise_and(ebits, _SIGN_BIT).bitwise_or_(_ONE_BITS).bitwise_and_(fix)
     y = f.add_(step.view(torch.float32))
     y[1] += 0.5
-    d = torch.sub(xs[0], y).square_().sum(dim=1)  # [2, n]; sequential sum over the 8 rows = sum(dim=-1)
+    d = _rowsum(torch.sub(xs[0], y).square_())  # [2, n]
     y0, y1 = y[0], y[1]
     take0 = (d[0] < d[1]) | ((d[0] == d[1]) & (y0[0] < y1[0]))  # [n]
+    if zero_only:
+        # e8 == 0 <=> the D8 candidate is taken and is 0 (the other is never 0; no -0.0 occurs).
+        b0 = y0.view(torch.int32)
+        acc = b0[0] | b0[1]
+        for i in range(2, 8):
+            acc |= b0[i]
+        torch.logical_and(take0, acc == 0, out=out)
+        return
     sel = take0.to(torch.int32).neg_()  # -1: candidate 0
     b0, b1 = y0.view(torch.int32), y1.view(torch.int32)
     torch.bitwise_xor(torch.bitwise_xor(b0, b1).bitwise_and_(sel), b1, out=out.view(torch.int32))
@@ -141,6 +162,16 @@ def _e8_t(x: Tensor) -> Tensor:
     for start in range(0, n, _SLICE):
         sl = slice(start, start + _SLICE)
         _e8_t_slice(x[:, sl], out[:, sl])
+    return out
+
+
+def _e8_t_is_zero(x: Tensor) -> Tensor:
+    """``(_e8_t(x) == 0).all(dim=0)`` for x float32 [8, N] (any strides): bool [N]."""
+    n = x.shape[1]
+    out = torch.empty((n,), dtype=torch.bool, device=x.device)
+    for start in range(0, n, _SLICE):
+        sl = slice(start, start + _SLICE)
+        _e8_t_slice(x[:, sl], out[sl], zero_only=True)
     return out
 
 

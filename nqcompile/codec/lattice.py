@@ -30,16 +30,19 @@ representative. Instead:
 
 Measured (``benchmarks/README.md``; iid Gaussian 64-dim vectors, one-byte RMS scale): shrink + centroid
 alone 9.83 / 15.53 / 20.95 dB at 2 / 3 / 4 bits; with the search 10.43 / 15.94 / 21.40 dB, within 0.01 dB
-of an exhaustive nearest-codeword search at 2 bits (Lloyd-Max: 9.40 / 14.73 / 20.33 dB). Cost: about 20 s
-(2 bits) / 14 s (3 bits) / 7 s (4 bits) of one CPU core per million 64-dim vectors, encode + decode;
-decoding alone is one nearest-point call per block.
+of an exhaustive nearest-codeword search at 2 bits (Lloyd-Max: 9.40 / 14.73 / 20.33 dB). Cost (encode, one
+core of the shared 2-core machine, per million 64-dim vectors): about 7 s (2 bits) / 4 s (3 bits) / 3 s
+(4 bits); decoding is a table look-up per block at 2 bits (about 0.1 s) and one nearest-point call per
+block at 3 and 4 bits (about 0.6 s).
 
 Codebook membership is one nearest-point call: ``c`` is in the codebook iff ``e8_nearest(c / q) == 0``,
 exact because :func:`nqcompile.codec.e8.e8_nearest` breaks ties translation-equivariantly, which makes
 ``{x : e8_nearest(x / q) = 0}`` a fundamental domain of ``q E8`` (a half-open Voronoi cell).
 
-Everything is vectorized over blocks; the only Python loops run over the fixed shrink grid, the
-search steps and chunks of 2**18 blocks that bound the working memory.
+Everything is vectorized over blocks, in the coordinate-major layout ``[8, N]`` where it pays (see
+:func:`nqcompile.codec.e8._e8_t`); the only Python loops run over the fixed shrink grid, the search
+steps, chunks of 2**18 blocks that bound the working memory and cache-sized slices of them. The fast
+paths are bit-identical to the original row-major code (tests/codec/test_codec_speedpath.py).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ import math
 import torch
 from torch import Tensor
 
-from nqcompile.codec.e8 import _e8
-from nqcompile.codec.packing import pack_bits, unpack_bits
+from nqcompile.codec.e8 import _e8_t, _e8_t_is_zero, _rowsum
+from nqcompile.codec.packing import pack_groups, unpack_groups
 from nqcompile.codec.scalar import (
     FixedRateCode,
     LloydMaxCode,
@@ -116,13 +119,41 @@ def _minimal_vectors() -> Tensor:
 
 def _labels(y: Tensor, q: int) -> Tensor:
     """Coset labels of E8 points y [..., 8] (lattice units): (y G^-1) mod q, int64 in [0, q)."""
-    return torch.remainder(torch.round(y @ _GINV.to(y.device)), q).long()
+    lead = y.shape[:-1]
+    return _labels_t(y.reshape(-1, 8).T, q).T.to(torch.int64).reshape(*lead, 8)
+
+
+def _labels_t(y: Tensor, q: int) -> Tensor:
+    """:func:`_labels` in the coordinate-major layout: y float32 [8, N] -> int32 [8, N].
+
+    Exact: y has half-integer coordinates and G^-1 entries in (1/2) Z, so every product and partial
+    sum of the matrix product is exact in float32 whatever the summation order.
+    """
+    k = torch.round(_GINV.T.to(y.device) @ y).to(torch.int32)
+    return k.bitwise_and_(q - 1)  # = remainder(k, q) for q a power of 2 (two's complement)
 
 
 def _representatives(k: Tensor, q: int) -> Tensor:
     """Codeword (Voronoi-region representative) of labels k [..., 8] in [0, q): float32, lattice units."""
-    y = k.to(torch.float32) @ E8_GENERATOR.to(k.device)
-    return y - q * _e8(y / q)
+    lead = k.shape[:-1]
+    return _representatives_t(k.reshape(-1, 8).T, q).T.reshape(*lead, 8)
+
+
+def _representatives_t(k: Tensor, q: int) -> Tensor:
+    """:func:`_representatives` in the coordinate-major layout: k [8, N] (any integer dtype) -> float32.
+
+    ``y = k G`` written out (exact small integers and halves, so equal to the matrix product):
+    ``y_0 = 2 k_0 - k_1 + k_7 / 2``, ``y_j = k_j - k_{j+1} + k_7 / 2`` (j = 1..5),
+    ``y_6 = k_6 + k_7 / 2``, ``y_7 = k_7 / 2``.
+    """
+    kf = k.to(torch.float32)
+    y = torch.empty_like(kf)
+    y[:6] = kf[:6] - kf[1:7]
+    y[0] += kf[0]
+    y[6] = kf[6]
+    y[:7] += kf[7] * 0.5
+    y[7] = kf[7] * 0.5
+    return y - q * _e8_t(y / q)
 
 
 def voronoi_centroid(bits: int, *, samples: int | None = None, seed: int = 0) -> Tensor:
@@ -256,11 +287,11 @@ class E8LatticeCode:
         x = check_encode_input(x, "E8LatticeCode")
         lead, dim = x.shape[:-1], x.shape[-1]
         blocks = x.reshape(-1, 8)
-        labels = torch.empty(blocks.shape, dtype=torch.int64, device=x.device)
+        codes = torch.empty((blocks.shape[0], self.bits), dtype=torch.uint8, device=x.device)
         for start in range(0, blocks.shape[0], _CHUNK):
             sl = slice(start, start + _CHUNK)
-            labels[sl] = self._encode_blocks(blocks[sl])
-        return pack_bits(labels.reshape(*lead, dim), self.bits)
+            codes[sl] = pack_groups(self._encode_blocks(blocks[sl]), self.bits)
+        return codes.reshape(*lead, dim * self.bits // 8)
 
     def decode(self, codes: Tensor, dim: int) -> Tensor:
         """Reconstruct unit-RMS vectors from packed labels.
@@ -276,17 +307,39 @@ class E8LatticeCode:
             ValueError: on a non-uint8 dtype, a wrong last dimension or dim not a multiple of 8.
         """
         check_decode_input(codes, dim, self.bytes_per_vector(dim), "E8LatticeCode")
-        k = unpack_bits(codes, self.bits, dim)
-        lead = k.shape[:-1]
-        c = _representatives(k.reshape(-1, 8), self.q)
-        out = (c - self.shift.to(c.device)) * self.gain
+        lead = codes.shape[:-1]
+        groups = codes.reshape(-1, self.bits)  # one 8-dim block per row
+        if self.bits == 2:
+            # 2**16 codewords: a table of the decoded blocks (2 MB), indexed by the block's 16-bit word.
+            word = groups[:, 0].to(torch.int32) | (groups[:, 1].to(torch.int32) << 8)
+            out = self._table(codes.device).index_select(0, word)
+            return out.reshape(*lead, dim)
+        out = torch.empty((groups.shape[0], 8), dtype=torch.float32, device=codes.device)
+        for start in range(0, groups.shape[0], _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            out[sl] = self._decode_t(unpack_groups(groups[sl], self.bits)).T
         return out.reshape(*lead, dim)
 
     def codewords(self, codes: Tensor, dim: int) -> Tensor:
         """Unshifted, unscaled codebook points (lattice units) of packed labels: float32 ``[..., dim/8, 8]``."""
         check_decode_input(codes, dim, self.bytes_per_vector(dim), "E8LatticeCode")
-        k = unpack_bits(codes, self.bits, dim)
-        return _representatives(k.reshape(*k.shape[:-1], dim // 8, 8), self.q)
+        k = unpack_groups(codes.reshape(-1, self.bits), self.bits)
+        c = _representatives_t(k, self.q).T
+        return c.reshape(*codes.shape[:-1], dim // 8, 8)
+
+    def _decode_t(self, k: Tensor) -> Tensor:
+        """Decoded blocks, coordinate-major: labels k int32 [8, N] -> float32 [8, N]."""
+        c = _representatives_t(k, self.q)
+        return (c - self.shift.to(c.device).unsqueeze(-1)) * self.gain
+
+    def _table(self, device: torch.device) -> Tensor:
+        """The decoded blocks of all 2**16 labels at 2 bits, float32 [65536, 8] (built once per device)."""
+        tables = self.__dict__.setdefault("_tables", {})
+        if device not in tables:
+            word = torch.arange(1 << 16, dtype=torch.int32, device=device)
+            k = torch.stack([(word >> (2 * j)) & 3 for j in range(8)])
+            tables[device] = self._decode_t(k).T.contiguous()
+        return tables[device]
 
     def __repr__(self) -> str:
         return (
@@ -297,45 +350,47 @@ class E8LatticeCode:
     # -- encoder -----------------------------------------------------------------------------------
 
     def _encode_blocks(self, xb: Tensor) -> Tensor:
-        """Labels int64 [N, 8] of blocks xb float32 [N, 8] (unit-RMS units)."""
+        """Labels int32 [8, N] (coordinate-major) of blocks xb float32 [N, 8] (unit-RMS units)."""
         q = self.q
         u = xb / self.gain + self.shift.to(xb.device)  # lattice units
-        y = _e8(u)
-        z = _e8(y / q)
-        over = (z != 0).any(dim=-1).nonzero().squeeze(-1)  # y outside the codebook
+        ut = u.T.contiguous()
+        y = _e8_t(ut)
+        z = _e8_t(y / q)
+        over = (z != 0).any(dim=0).nonzero().squeeze(-1)  # y outside the codebook
         if over.numel():
-            y[over] = self._overloaded(u[over], y[over] - q * z[over])
-        return _labels(y, q)
+            y[:, over] = self._overloaded(u[over], ut[:, over], y[:, over] - q * z[:, over])
+        return _labels_t(y, q)
 
-    def _overloaded(self, uo: Tensor, wrapped: Tensor) -> Tensor:
-        """Codewords (lattice units, in the codebook) for overloaded blocks.
+    def _overloaded(self, uo: Tensor, uot: Tensor, wrapped: Tensor) -> Tensor:
+        """Codewords (lattice units, in the codebook) for overloaded blocks, coordinate-major [8, n].
 
         Args:
-            uo: float32 [n, 8], the blocks in lattice units.
-            wrapped: float32 [n, 8], the plain Voronoi encoder's codeword (nearest point, wrapped).
+            uo: float32 [n, 8], the blocks in lattice units (``uot`` is the same, float32 [8, n]).
+            wrapped: float32 [8, n], the plain Voronoi encoder's codeword (nearest point, wrapped).
         """
         q = self.q
         best_c = wrapped
-        best_d = (wrapped - uo).square().sum(dim=-1)
+        best_d = _rowsum((wrapped - uot).square_())  # as sum(dim=-1) of the row-major blocks
         # 1. shrunken copies a * u, keep the codeword closest to the original u. A block stops
         #    shrinking once a * u decodes inside the codebook (smaller a only moves away from u).
-        open_ = torch.arange(uo.shape[0], device=uo.device)
+        open_ = torch.arange(uot.shape[1], device=uot.device)
         for a in self.shrink_grid:
             if open_.numel() == 0:
                 break
-            u_open = uo[open_]
-            ya = _e8(a * u_open)
-            za = _e8(ya / q)
+            u_open = uot[:, open_]
+            ya = _e8_t(a * u_open)
+            za = _e8_t(ya / q)
             ca = ya - q * za  # its representative (wrapped if still outside)
-            da = (ca - u_open).square().sum(dim=-1)
-            better = da < best_d[open_]
+            da = _rowsum((ca - u_open).square_())
+            better = (da < best_d[open_]).nonzero().squeeze(-1)
             best_d[open_[better]] = da[better]
-            best_c[open_[better]] = ca[better]
+            best_c[:, open_[better]] = ca[:, better]
             if self.shrink_early_stop:
-                open_ = open_[(za != 0).any(dim=-1)]
-        # 2. local search over the 240 E8 neighbours (see _local_search).
-        _local_search(uo, best_c, q, self.search_steps)
-        return best_c
+                open_ = open_[(za != 0).any(dim=0)]
+        # 2. local search over the 240 E8 neighbours (see _local_search), on row-major blocks.
+        best_rows = best_c.T.contiguous()
+        _local_search(uo, best_rows, q, self.search_steps)
+        return best_rows.T
 
 
 def _local_search(u: Tensor, best_c: Tensor, q: int, steps: int) -> None:
@@ -343,26 +398,60 @@ def _local_search(u: Tensor, best_c: Tensor, q: int, steps: int) -> None:
 
     A move ``c -> c + v`` with ``|v|^2 = 2`` changes the squared distance to ``u`` [n, 8] by
     ``2 - 2 v.(u - c)``; each step takes the largest decrease among the neighbours that stay in the
-    codebook (``e8_nearest((c + v) / q) == 0``, tested only for the improving ones). A row leaves the
-    search as soon as no improving neighbour is in the codebook (a local optimum).
+    codebook (``e8_nearest((c + v) / q) == 0``, tested only for the improving ones; ties: the first
+    neighbour in :func:`_minimal_vectors` order). A row leaves the search as soon as no improving
+    neighbour is in the codebook (a local optimum).
+
+    The products ``(u - c) @ vecs.T`` are taken over exactly the same rows as the original
+    implementation (all rows still moving), as a float32 matrix product can round differently for
+    different numbers of rows.
     """
     vecs = _minimal_vectors().to(u.device)
+    nv = vecs.shape[0]
     active = torch.arange(u.shape[0], device=u.device)
     for _ in range(steps):
         c = best_c[active]
-        dots = (u[active] - c) @ vecs.T  # [m, 240]
-        keep = dots.amax(dim=-1) > 1.0  # else: no neighbour is closer at all
-        active, c, dots = active[keep], c[keep], dots[keep]
-        if active.numel() == 0:
+        w = u[active] - c
+        m = c.shape[0]
+        best = torch.full((m,), -math.inf, device=u.device)
+        j = torch.full((m,), nv, dtype=torch.int64, device=u.device)
+        for r0, r1 in _row_pieces(m):
+            dots = w[r0:r1] @ vecs.T  # [r1 - r0, 240]
+            flat = (dots.view(-1) > 1.0).nonzero().squeeze(-1)  # improving moves only
+            if flat.numel() == 0:
+                continue
+            ri = torch.div(flat, nv, rounding_mode="floor").add_(r0)
+            vi = flat - (ri - r0) * nv
+            p = (c.index_select(0, ri) + vecs.index_select(0, vi)).div_(q)
+            member = _e8_t_is_zero(p.T).nonzero().squeeze(-1)
+            mri, mvi = ri[member], vi[member]
+            md = dots.view(-1)[flat[member]]
+            best.scatter_reduce_(0, mri, md, "amax")
+            top = (md == best[mri]).nonzero().squeeze(-1)
+            j.scatter_reduce_(0, mri[top], mvi[top], "amin")  # the first best neighbour
+        moved = (j < nv).nonzero().squeeze(-1)
+        if moved.numel() == 0:
             return
-        ri, vi = (dots > 1.0).nonzero(as_tuple=True)  # improving moves only
-        member = (_e8((c[ri] + vecs[vi]) / q) == 0).all(dim=-1)
-        score = torch.full_like(dots, -math.inf)
-        score[ri[member], vi[member]] = dots[ri[member], vi[member]]
-        best, j = score.max(dim=-1)
-        moved = best > -math.inf
         best_c[active[moved]] = c[moved] + vecs[j[moved]]
         active = active[moved]
+
+
+_PIECE = 2048  # rows per matrix product in the local search (keeps [rows, 240] in the CPU caches)
+
+
+def _row_pieces(m: int) -> list[tuple[int, int]]:
+    """Row ranges for the local search's products: every piece has at least 8 rows unless m < 8.
+
+    For 8 rows or more the float32 product ``[rows, 8] @ [8, 240]`` sums the 8 terms in sequential
+    order whatever the row count (as the tests check), so pieces give the same dots as one product
+    over all m rows; with fewer than 8 rows the summation order can differ, so m < 16 stays whole.
+    """
+    if m < 2 * _PIECE:
+        return [(0, m)]
+    bounds = list(range(0, m, _PIECE)) + [m]
+    if bounds[-1] - bounds[-2] < 8:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @functools.lru_cache(maxsize=None)

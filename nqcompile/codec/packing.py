@@ -23,6 +23,13 @@ from torch import Tensor
 
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 
+#: _BYTE_LUT[bits][b, j] = value j of byte b for bits in {1, 2, 4} (whole values per byte).
+_BYTE_LUT = {
+    b: ((torch.arange(256, dtype=torch.int32).unsqueeze(-1) >> (torch.arange(8 // b) * b)) & ((1 << b) - 1))
+    .to(torch.uint8)
+    for b in (1, 2, 4)
+}
+
 
 def _check_bits(bits: int, fn: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
@@ -80,6 +87,10 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
                 f"pack_bits: values must lie in [0, {1 << bits}) for bits={bits}, got range [{lo}, {hi}]"
             )
     lead = values.shape[:-1]
+    if n % 8 == 0 and bits > 1:
+        # Groups of 8 values fill exactly `bits` bytes: one little-endian word per group.
+        rows = values.reshape(-1, n // 8, 8).to(torch.int64).permute(2, 0, 1)  # [8, rows, groups]
+        return pack_groups(rows, bits).reshape(*lead, nbytes)
     v = values.to(torch.int32)
     if 8 % bits == 0:
         # Whole values per byte: byte = sum_j v[j] << (j * bits).
@@ -119,6 +130,12 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
             f"got shape {tuple(packed.shape)}"
         )
     lead = packed.shape[:-1]
+    if bits in _BYTE_LUT:
+        lut = _BYTE_LUT[bits].to(packed.device)
+        return lut[packed.long()].reshape(*lead, n)
+    if n % 8 == 0:
+        groups = unpack_groups(packed.reshape(-1, bits), bits)  # [8, rows * groups]
+        return groups.T.to(torch.uint8).reshape(*lead, n)
     p = packed.to(torch.int32)
     mask = (1 << bits) - 1
     if 8 % bits == 0:
@@ -130,3 +147,27 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     b = ((p.unsqueeze(-1) >> weights) & 1).reshape(*lead, n, bits)
     bit_idx = torch.arange(bits, device=p.device, dtype=torch.int32)
     return (b << bit_idx).sum(dim=-1).to(torch.uint8)
+
+
+def pack_groups(values: Tensor, bits: int) -> Tensor:
+    """Pack groups of 8 values given value-major: ``values [8, ...]`` (integer, in ``[0, 2**bits)``,
+    unchecked) -> uint8 ``[..., bits]``, the same bytes as ``pack_bits`` on ``values.movedim(0, -1)``.
+
+    Value ``j`` of a group takes bits ``j*bits ..`` of one little-endian ``8 * bits``-bit word, whose
+    bytes are the group's ``bits`` bytes (the bit order of the module docstring).
+    """
+    v = values.to(torch.int64)
+    word = v[0].clone()
+    for j in range(1, 8):
+        word |= v[j] << (j * bits)
+    return torch.stack([(word >> (8 * t)) & 255 for t in range(bits)], dim=-1).to(torch.uint8)
+
+
+def unpack_groups(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_groups`: uint8 ``[..., bits]`` -> int32 ``[8, ...]`` (unchecked)."""
+    p = packed.to(torch.int64)
+    word = p[..., 0].clone()
+    for t in range(1, bits):
+        word |= p[..., t] << (8 * t)
+    mask = (1 << bits) - 1
+    return torch.stack([((word >> (j * bits)) & mask) for j in range(8)]).to(torch.int32)
