@@ -26,14 +26,6 @@ from nqcompile.codec.lattice import (
 from nqcompile.codec.packing import pack_bits, unpack_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- reference implementation (row-major, as originally written) -------------------------------------
 
 _REV8 = 7 - torch.arange(8, dtype=torch.int32)

@@ -19,15 +19,6 @@ from nqcompile.codec.scalar import FixedRateCode, LloydMaxCode, UniformScalarCod
 from nqcompile.codec.scalar import gaussian_uniform_step
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small vectorized ops run faster on one thread, and far faster on a loaded machine; restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # DESIGN.md "Codec requirements": iid Gaussian 64-dim vectors, per-vector RMS scale.
 TARGET_DB = {2: 10.27, 3: 15.81}
 
