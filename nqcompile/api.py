@@ -88,11 +88,11 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
 
     Raises:
         ValueError: the preset evicts with the ``observation`` scorer (it needs the prefill's queries;
-            pass ``scorer="key_norm"``), or the cache holds layers of another kind.
+            pass ``scorer="key_diff"`` or ``"key_norm"``), or the cache holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
     if chosen.eviction_ratio > 0 and chosen.scorer == "observation":
-        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_norm' or "
+        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_diff' or 'key_norm' or "
                          "eviction_ratio=0, or let an optimized model compress during its prefill")
     out = NexusCache(config, chosen, max_cache_len=max_cache_len)
     if len(cache.layers) != len(out.layers):

@@ -14,11 +14,12 @@ kept; what attention reads).
 Life of a token. A prefill chunk attends exactly to itself and to what the cache already holds. When its
 attention is done (inside the same attention call, so no extra forward), the layer compresses what it
 holds exactly: the first chunk's first ``sink_tokens`` become sinks, the last ``recent_window`` tokens
-become the window, and the tokens in between are scored (observation-window attention or key norm),
-``eviction_ratio`` of them are dropped, and the rest are RoPE-removed, normalized per channel,
-Hadamard-rotated, E8-quantized and packed into the code buffers. No float copy survives. A decode token
-enters the window; when the window is full its oldest 16 tokens are flushed into codes (never evicted).
-A later chunk (the next turn) is compressed the same way; codes already written are never touched again.
+become the window, and the tokens in between are scored (observation-window attention, KeyDiff or key
+norm), ``eviction_ratio`` of them are dropped (not in a chunk shorter than ``min_evict_tokens``), and the
+rest are RoPE-removed, normalized per channel (statistics of the first chunk), Hadamard-rotated,
+E8-quantized and packed into the code buffers. No float copy survives. A decode token enters the window;
+when the window is full its oldest 16 tokens are flushed into codes (never evicted). A later chunk (the
+next turn) is compressed the same way; codes already written are never touched again.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ class NexusLayer(CacheLayerMixin):
         self.code_pos0 = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.hadamard = hadamard_matrix(dim, device=self.device)
         self.inv_freq = self.rotary.inv_freq.to(self.device)
-        self.norm_mean = torch.zeros(batch, heads, dim, dtype=torch.float32, device=self.device)
-        self.norm_scale = torch.ones(batch, heads, dim, dtype=torch.float32, device=self.device)
+        self.norm_mean = torch.zeros(2, batch, heads, dim, dtype=torch.float32, device=self.device)
+        self.norm_scale = torch.ones(2, batch, heads, dim, dtype=torch.float32, device=self.device)
         self._allocate_codes(0)
         self._host_code_len = [0] * batch
         self._host_win_len = [0] * batch
@@ -215,8 +216,8 @@ class NexusLayer(CacheLayerMixin):
         """
         if self.chunks:
             raise ValueError("ingest() only fills an empty layer")
-        if self.evicting and self.preset.scorer != "key_norm":
-            raise ValueError("ingest() has no queries: use scorer='key_norm' or no eviction")
+        if self.evicting and self.preset.scorer == "observation":
+            raise ValueError("ingest() has no queries: use scorer='key_diff' or 'key_norm', or no eviction")
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         self._check_logical(key.shape[2])
@@ -420,10 +421,11 @@ class NexusLayer(CacheLayerMixin):
         is_win = preal & (rank >= (n_real - n_win)[:, None])
         middle = preal & ~is_sink & ~is_win
         if self.chunks == 0:
-            self._set_norm(pk, ppos, preal)
+            self._set_norm(pk, pv, ppos, preal & ~is_sink)
             self._take(is_sink, pk, pv, None, "sink")
             self.sink_len = n_sink
         budget = (n_real.double() * (1.0 - self.eviction_ratio)).round().long() - n_sink - n_win
+        budget = torch.where(real.sum(1) < self.preset.min_evict_tokens, middle.sum(1), budget)  # short chunk: keep all
         if self.evicting:
             time = torch.arange(r_cap + q_len, device=self.device)
             qtime = torch.where(real, time[r_cap:][None], torch.full_like(real, -1, dtype=torch.int64))
@@ -456,19 +458,32 @@ class NexusLayer(CacheLayerMixin):
         if ppos is not None:
             setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
 
-    def _set_norm(self, pk, ppos, preal) -> None:
-        """Per-(sequence, KV head, channel) mean and scale of the pre-RoPE keys of the first chunk's real tokens."""
-        if self.kind == "exact" or self.preset.key_norm == "none":
+    def _set_norm(self, pk, pv, ppos, select) -> None:
+        """Per-(sequence, KV head, channel) statistics of the first chunk's coded tokens (real, not sinks).
+
+        Keys are measured before RoPE. ``"per_channel"`` sets mean and standard deviation (floored at 1% of
+        the head's mean deviation, so a near-constant channel is not blown up), ``"per_pair"`` the same with
+        one deviation per RoPE pair (the root mean square of the pair's two), ``"mean"`` the mean only.
+        """
+        if self.kind == "exact":
             return
         r = self.rotary
-        pre = apply_rotary(pk.to(torch.promote_types(pk.dtype, torch.float32)), ppos[:, None, :], self.inv_freq, attention_scaling=r.attention_scaling,
-                           rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
-        w = preal[:, None, :, None].float()
+        pre = apply_rotary(pk.to(torch.promote_types(pk.dtype, torch.float32)), ppos[:, None, :], self.inv_freq,
+                           attention_scaling=r.attention_scaling, rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
+        w = select[:, None, :, None].float()
         n = w.sum(2).clamp(min=1.0)
-        mean = (pre * w).sum(2) / n
-        var = (((pre - mean[:, :, None]) ** 2) * w).sum(2) / n
-        self.norm_mean = mean.float()
-        self.norm_scale = var.sqrt().clamp(min=1e-4 * (var.mean(-1, keepdim=True).sqrt() + 1e-12)).float()
+        for i, (x, mode) in enumerate(((pre, self.preset.key_norm), (pv.float(), self.preset.value_norm))):
+            if mode == "none":
+                continue
+            mean = (x * w).sum(2) / n
+            self.norm_mean[i] = mean.float()
+            if mode in ("per_channel", "per_pair"):
+                var = (((x - mean[:, :, None]) ** 2) * w).sum(2) / n
+                if mode == "per_pair":
+                    var = _pair_mean(var, r.rotary_dim, r.layout)
+                std = var.sqrt()
+                floor = 0.01 * std.mean(-1, keepdim=True)
+                self.norm_scale[i] = torch.where(floor > 0, std.clamp(min=floor), torch.ones_like(std)).float()
 
     def _check_contiguous(self, ppos, index, count) -> None:
         """Without eviction, code positions are implicit (``code_pos0 + slot``): check that they really are."""
@@ -503,6 +518,19 @@ class NexusLayer(CacheLayerMixin):
 
     def physical_tokens(self) -> int:
         return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_win_len)
+
+
+def _pair_mean(x: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
+    """Average ``x`` ``[..., D]`` over the two channels of each RoPE pair (channels past ``rotary_dim`` unchanged)."""
+    out = x.clone()
+    if layout == "half":
+        half = rotary_dim // 2
+        m = (x[..., :half] + x[..., half:rotary_dim]) / 2
+        out[..., :half], out[..., half:rotary_dim] = m, m
+    else:
+        m = (x[..., 0:rotary_dim:2] + x[..., 1:rotary_dim:2]) / 2
+        out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2] = m, m
+    return out
 
 
 def _ordered_index(select: torch.Tensor, width: int) -> torch.Tensor:

@@ -50,7 +50,8 @@ def write_kv(
         dest: ``[B]`` int64 first slot written per sequence. count: ``[B]`` int64 tokens written (<= n);
             token ``j`` of sequence ``b`` is written only when ``j < count[b]``.
         hadamard: ``[D, D]`` float32. inv_freq: ``[rotary_dim / 2]`` float32.
-        norm_mean, norm_scale: ``[B, H, D]`` float32 per-channel key normalization.
+        norm_mean, norm_scale: ``[2, B, H, D]`` float32 per-channel normalization, ``[0]`` of the pre-RoPE keys,
+            ``[1]`` of the values (``x = (k - mean) / scale`` is what gets coded).
         kind, key_bits, value_bits, attention_scaling, rotary_dim, layout: see :class:`~nqcompile.codec.kv.KVTransform`.
     """
     if key.shape[2] == 0:
@@ -59,8 +60,8 @@ def write_kv(
         kc, vc, ks, vs = key, value, None, None
     else:
         t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
-        kc, ks = encode_keys(key, positions, hadamard, inv_freq, norm_mean, norm_scale, t)
-        vc, vs = encode_values(value, hadamard, t)
+        kc, ks = encode_keys(key, positions, hadamard, inv_freq, norm_mean[0], norm_scale[0], t)
+        vc, vs = encode_values(value, hadamard, norm_mean[1], norm_scale[1], t)
     n = key.shape[2]
     j = torch.arange(n, device=key.device)
     b_idx, j_idx = (j[None, :] < count[:, None]).nonzero(as_tuple=True)
@@ -129,8 +130,8 @@ def dequant_attention(
         kc, vc = k_codes, v_codes
     else:
         t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
-        kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale, t)
-        vc = decode_values(v_codes, v_scales, hadamard, t)
+        kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean[0], norm_scale[0], t)
+        vc = decode_values(v_codes, v_scales, hadamard, norm_mean[1], norm_scale[1], t)
     limit = code_len[:, None] if code_len.dim() == 1 else code_len  # [B, 1 or q]
     code_mask = torch.arange(capacity, device=query.device)[None, None, :] < limit[:, :, None]  # [B, 1|q, C]
     mask = torch.cat([code_mask.expand(batch, query.shape[2], capacity), exact_mask], dim=-1)

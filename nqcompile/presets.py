@@ -25,7 +25,7 @@ a code capacity of ``C`` tokens per sequence (a multiple of 16)::
     + B * H * (sink_tokens + recent_window) * 2 * head_dim * itemsize   exact sinks and window
     + B * recent_window * 8                          window positions (int64)
     + 4 * B * 8                                      lengths and first code position (int64)
-    + 2 * B * H * head_dim * 4                       per-channel key mean and scale (float32)
+    + 4 * B * H * head_dim * 4                       per-channel key and value mean and scale (float32)
     + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
 
 plus, once per cache, the ``head_dim x head_dim`` float32 Hadamard matrix shared by all layers.
@@ -37,13 +37,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS", "BLOCK_TOKENS"]
+__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "NORMS", "SCORERS", "LAYER_BUDGETS", "BLOCK_TOKENS"]
 
 #: Codec families a preset may name. ``e8``: E8 nested-lattice code (the project's codec);
 #: ``lloyd_max`` and ``uniform``: the scalar baselines, kept for ablations.
 CODEC_KINDS = ("e8", "lloyd_max", "uniform")
 #: Token scorers for eviction (see :mod:`nqcompile.policy`).
-SCORERS = ("observation", "key_norm")
+SCORERS = ("observation", "key_norm", "key_diff")
+#: Per-channel normalizations of keys before the rotation (see ``Preset.key_norm``); values take all but ``per_pair``.
+NORMS = ("per_pair", "per_channel", "mean", "none")
 #: How the eviction budget is spread over layers.
 LAYER_BUDGETS = ("uniform", "pyramid")
 #: Tokens per storage block: the unit of flushes from the exact window into codes and of capacity.
@@ -62,15 +64,23 @@ class Preset:
         value_bits: bits per element of the stored values (2, 3 or 4), or ``None`` (exact).
         codec: ``"e8"`` (E8 lattice code, Conway and Sloane) or a scalar baseline
             (``"lloyd_max"``, ``"uniform"``), applied after the Hadamard rotation.
-        key_norm: ``"per_channel"`` normalizes pre-RoPE keys by a mean and scale per (sequence, KV head,
-            channel) measured on the first prefill chunk (KIVI / KVQuant observe per-channel key
-            outliers); ``"none"`` skips it.
+        key_norm: per-channel normalization of the pre-RoPE keys before the Hadamard rotation, with
+            statistics per (sequence, KV head, channel) measured on the first prefill chunk (KIVI / KVQuant
+            observe per-channel key offsets and outliers): ``"per_channel"`` subtracts the mean and divides
+            by the standard deviation, ``"per_pair"`` shares one deviation between the two channels that RoPE
+            rotates into each other, ``"mean"`` only subtracts the mean, ``"none"`` skips it.
+        value_norm: the same for the values (``"per_channel"``, ``"mean"`` or ``"none"``: values have no RoPE pairs).
         eviction_ratio: fraction of each prefill chunk's tokens removed at the chunk's end, in [0, 1).
             Sinks and the recent window count as kept. Decode tokens are never evicted.
         scorer: ``"observation"`` ranks tokens by the attention the chunk's last ``observation_window``
             queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
-            ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430).
+            ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430);
+            ``"key_diff"`` keeps the keys least similar to the chunk's mean key (Park et al. 2025,
+            arXiv:2504.15364), needing no queries.
         observation_window: number of last queries of a chunk whose attention scores tokens.
+        min_evict_tokens: a prefill chunk with fewer new tokens than this is quantized but not evicted: a
+            short follow-up (a question, a chat turn) saves little memory, and evicting from it (and from
+            the recent window it pushes out) drops the very words the answer depends on.
         pooling_kernel: odd max-pooling width over token scores (SnapKV keeps neighbours of hot tokens); 1 disables.
         sink_tokens: first tokens of each sequence kept exact and never evicted (StreamingLLM attention sinks).
         recent_window: most recent tokens kept exact in the model's dtype; a multiple of 16 (the block size).
@@ -93,9 +103,11 @@ class Preset:
     value_bits: int | None = 2
     codec: str = "e8"
     key_norm: str = "per_channel"
+    value_norm: str = "none"
     eviction_ratio: float = 0.0
     scorer: str = "observation"
     observation_window: int = 32
+    min_evict_tokens: int = 256
     pooling_kernel: int = 7
     sink_tokens: int = 4
     recent_window: int = 32
@@ -116,7 +128,8 @@ class Preset:
             if bits is not None and bits not in _BITS:
                 raise ValueError(f"{fname}={bits!r} is not offered by the codec; choose one of {_BITS} or None (exact)")
         _choice("codec", self.codec, CODEC_KINDS)
-        _choice("key_norm", self.key_norm, ("per_channel", "none"))
+        _choice("key_norm", self.key_norm, NORMS)
+        _choice("value_norm", self.value_norm, tuple(n for n in NORMS if n != "per_pair"))
         _choice("scorer", self.scorer, SCORERS)
         _choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
@@ -124,7 +137,7 @@ class Preset:
             raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")
         if self.recent_window < BLOCK_TOKENS or self.recent_window % BLOCK_TOKENS:
             raise ValueError(f"recent_window={self.recent_window} must be a positive multiple of {BLOCK_TOKENS}")
-        for fname in ("sink_tokens", "boundary_layers"):
+        for fname in ("sink_tokens", "boundary_layers", "min_evict_tokens"):
             if getattr(self, fname) < 0:
                 raise ValueError(f"{fname}={getattr(self, fname)} must be >= 0")
         if self.observation_window < 1:
@@ -186,7 +199,7 @@ class Preset:
         per_token = preset.bytes_per_token(head_dim, bits=bits, position_bytes=position_bytes, exact_itemsize=itemsize)
         exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * itemsize
         return (batch * kv_heads * capacity * per_token + exact + batch * self.recent_window * 8 + 4 * batch * 8
-                + 2 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
+                + 4 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
 
 
 def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:

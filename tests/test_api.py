@@ -29,7 +29,8 @@ def test_compress_kv_cache_exact_continues_like_the_dynamic_cache():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-def test_compress_kv_cache_quantizes_and_evicts_with_key_norm():
+@pytest.mark.parametrize("scorer", ["key_norm", "key_diff"])
+def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
     model = nqcompile.optimize(tiny_model("qwen2"), "balanced")
     prompt = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -37,8 +38,8 @@ def test_compress_kv_cache_quantizes_and_evicts_with_key_norm():
         model(prompt, past_key_values=src)
         with pytest.raises(ValueError, match="key_norm"):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config)
-        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="key_norm",
-                                            recent_window=16)
+        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer,
+                                            recent_window=16, min_evict_tokens=0)
         assert cache.layers[0]._host_code_len[0] == round(200 * 0.5) - 4 - 16
         out = model(prompt[:, :1], past_key_values=cache)  # the full window flushes one block first
     assert torch.isfinite(out.logits).all()

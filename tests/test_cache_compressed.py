@@ -4,10 +4,13 @@ import pytest
 import torch
 
 import nqcompile
+from transformers import DynamicCache
+
+from nqcompile.codec.rope import apply_rotary
 from nqcompile.cache import NexusLayer
 from tiny_models import tiny_model
 
-SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8)
+SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0)
 
 
 def _prefill_and_decode(model, ids, mask, cache, steps):
@@ -127,3 +130,53 @@ def test_replay_as_decode_equals_token_by_token_decode(kind):
         assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n])
         w = a._host_win_len[0]
         torch.testing.assert_close(a.win_k[:, :, :w], b.win_k[:, :, :w], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key_norm", ["per_pair", "per_channel", "mean"])
+def test_normalization_statistics_match_a_float64_reference(key_norm):
+    """The per-channel statistics are those of the first chunk's non-sink tokens (keys before RoPE), per sequence."""
+    model = tiny_model("llama", dtype=torch.float64)
+    overrides = dict(SMALL, key_norm=key_norm, value_norm="per_channel")
+    nqcompile.optimize(model, "quant_only", **overrides)
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 256, (2, 60), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left padding: sequence 1 has 47 real tokens
+    ref = DynamicCache()
+    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=64, **overrides)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=ref)
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    layer, rotary = cache.layers[1], cache.layers[1].rotary
+    half = rotary.rotary_dim // 2
+    for row, first_real in enumerate((0, 13)):
+        keep = slice(first_real + SMALL["sink_tokens"], None)  # real tokens after the sinks
+        pos = positions[row, keep]
+        k = apply_rotary(ref.layers[1].keys[row, :, keep], pos[None], rotary.inv_freq.double(), inverse=True,
+                         attention_scaling=rotary.attention_scaling, rotary_dim=rotary.rotary_dim, layout=rotary.layout)
+        v = ref.layers[1].values[row, :, keep]
+        k_std, v_std = k.std(1, unbiased=False), v.std(1, unbiased=False)
+        if key_norm == "per_pair":
+            pair = ((k_std[:, :half] ** 2 + k_std[:, half:] ** 2) / 2).sqrt()
+            k_std = torch.cat([pair, pair], -1)
+        torch.testing.assert_close(layer.norm_mean[0, row].double(), k.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.norm_mean[1, row].double(), v.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.norm_scale[1, row].double(), v_std, rtol=1e-5, atol=1e-6)
+        expected = torch.ones_like(k_std) if key_norm == "mean" else k_std
+        torch.testing.assert_close(layer.norm_scale[0, row].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_shorter_than_min_evict_tokens_is_quantized_not_evicted():
+    model = tiny_model("llama")
+    overrides = dict(SMALL, min_evict_tokens=64)
+    nqcompile.optimize(model, "balanced", **overrides)
+    gen = torch.Generator().manual_seed(13)
+    cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=256, **overrides)
+    with torch.no_grad():
+        model(torch.randint(1, 256, (1, 200), generator=gen), past_key_values=cache)
+        first = cache.layers[0]._host_code_len[0]
+        model(torch.randint(1, 256, (1, 40), generator=gen), past_key_values=cache)
+    assert first == round(200 * 0.5) - 4 - 16  # the long chunk evicted half
+    assert cache.layers[0]._host_code_len[0] == first + 40  # the short one only pushed 40 tokens into codes
+    assert cache.get_seq_length() == 240

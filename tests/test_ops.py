@@ -20,7 +20,7 @@ def _storage(kind, b=2, h=2, cap=32, d=64, kb=3, vb=2):
 def _codec(b=2, h=2, d=64):
     g = torch.Generator().manual_seed(0)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    return (hadamard_matrix(d), inv_freq, torch.randn(b, h, d, generator=g) * 0.1, torch.rand(b, h, d, generator=g) + 0.5)
+    return (hadamard_matrix(d), inv_freq, torch.randn(2, b, h, d, generator=g) * 0.1, torch.rand(2, b, h, d, generator=g) + 0.5)
 
 
 @pytest.mark.parametrize("kind", ["exact", "e8"])
@@ -63,11 +63,13 @@ def test_write_then_attend_matches_a_float_reference():
     ops.write_kv(*store, key, value, pos, torch.tensor([0, 0]), count, *codec, "e8", 3, 2, 1.0, 64, "half")
     t = KVTransform("e8", 3, 2, 1.0, 64, "half")
     code_pos = torch.arange(32).expand(2, 2, 32)
-    k_hat = decode_keys(store[0], store[1], code_pos, codec[0], codec[1], codec[2], codec[3], t)
-    v_hat = decode_values(store[2], store[3], codec[0], t)
+    k_hat = decode_keys(store[0], store[1], code_pos, codec[0], codec[1], codec[2][0], codec[3][0], t)
+    v_hat = decode_values(store[2], store[3], codec[0], codec[2][1], codec[3][1], t)
     # Round trip is close to the input (3-bit keys, 2-bit values).
     k_err = (k_hat[0, :, :20] - key[0]).pow(2).mean() / key[0].pow(2).mean()
     assert k_err < 0.05, f"key relative MSE {k_err:.3f}"
+    v_err = (v_hat[0, :, :20] - value[0]).pow(2).mean() / value[0].pow(2).mean()
+    assert v_err < 0.15, f"value relative MSE {v_err:.3f}"
     q = torch.randn(2, 4, 1, 64, generator=g)
     ek = torch.zeros(2, 2, 1, 64)
     out = ops.dequant_attention(q, *store, code_pos, count, ek, ek, torch.zeros(2, 1, 1, dtype=torch.bool), *codec,

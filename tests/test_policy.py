@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nqcompile.policy import KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
+from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 
 
 @settings(max_examples=50, deadline=None)
@@ -69,3 +69,19 @@ def test_observation_scorer_matches_explicit_softmax():
     norms = KeyNormScorer().score(query=q, key=k, query_time=query_time, key_time=key_time, key_valid=valid,
                                   scaling=1.0)
     torch.testing.assert_close(norms, -k.norm(dim=-1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(2, 40), seed=st.integers(0, 2**16))
+def test_key_diff_scorer_matches_cosine_to_mean_of_valid_keys(batch, heads, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, heads, length, 8, generator=g, dtype=torch.float64) + 0.5
+    valid = torch.rand(batch, length, generator=g) < 0.7
+    valid[:, 0] = True
+    got = KeyDiffScorer().score(query=None, key=k, query_time=None, key_time=None, key_valid=valid, scaling=1.0)
+    for b in range(batch):
+        for h in range(heads):
+            mean = k[b, h][valid[b]].mean(0)
+            for t in range(length):
+                want = -(k[b, h, t] @ mean) / (k[b, h, t].norm() * mean.norm())
+                torch.testing.assert_close(got[b, h, t], want)

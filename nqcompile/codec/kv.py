@@ -5,7 +5,11 @@ Keys (Hadamard-rotated after RoPE removal and per-channel normalization)::
     encode:  k_post --RoPE^-1(pos)--> k_pre --(k_pre - mean) / scale--> x --H--> codes, scale code
     decode:  codes --> x --H^T--> x * scale + mean --RoPE(pos)--> k_post
 
-Values skip RoPE and normalization: ``v --H--> codes``. ``H`` is the orthonormal Hadamard matrix of
+Values skip RoPE: ``v --(v - mean) / scale--> x --H--> codes``. The per-channel ``mean`` and ``scale`` (one
+pair for keys, one for values, per sequence and KV head) come from the prefill (KIVI, Liu et al. 2024,
+arXiv:2402.02750, and KVQuant, Hooper et al. 2024, arXiv:2401.18079, observe per-channel structure in
+keys); subtracting the mean removes a bias that would otherwise eat most of the code's range, and the
+mean costs nothing in attention accuracy because it is stored exactly. ``H`` is the orthonormal Hadamard matrix of
 :mod:`nqcompile.codec.hadamard`; the per-vector scale is one byte (:mod:`nqcompile.codec.scales`). All
 math runs in float32 whatever the model dtype; decode returns float32.
 
@@ -79,12 +83,19 @@ def decode_keys(codes: torch.Tensor, scale_codes: torch.Tensor, positions: torch
                         rotary_dim=t.rotary_dim, layout=t.layout)
 
 
-def encode_values(value: torch.Tensor, hadamard: torch.Tensor, t: KVTransform) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize values ``[B, H, n, D]`` -> uint8 codes ``[B, H, n, value_bits * D / 8]`` and scale codes ``[B, H, n]``."""
-    return quantize_vectors(value.float() @ hadamard.T, code_for(t.kind, t.value_bits))
+def encode_values(value: torch.Tensor, hadamard: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,
+                  t: KVTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize values ``[B, H, n, D]`` -> uint8 codes ``[B, H, n, value_bits * D / 8]`` and scale codes ``[B, H, n]``.
+
+    ``norm_mean``, ``norm_scale``: ``[B, H, D]`` float32 per-channel normalization of the values.
+    """
+    x = (value.float() - norm_mean[:, :, None]) / norm_scale[:, :, None]
+    return quantize_vectors(x @ hadamard.T, code_for(t.kind, t.value_bits))
 
 
-def decode_values(codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torch.Tensor, t: KVTransform) -> torch.Tensor:
+def decode_values(codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torch.Tensor, norm_mean: torch.Tensor,
+                  norm_scale: torch.Tensor, t: KVTransform) -> torch.Tensor:
     """Inverse of :func:`encode_values`: float32 ``[B, H, n, D]``."""
     dim = hadamard.shape[0]
-    return dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim) @ hadamard
+    x = dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim) @ hadamard
+    return x * norm_scale[:, :, None] + norm_mean[:, :, None]

@@ -2,10 +2,11 @@
 
 from .base import TokenScorer
 from .keep import layer_eviction_ratios, select_kept
+from .key_diff import KeyDiffScorer
 from .key_norm import KeyNormScorer
 from .observation import ObservationScorer
 
-__all__ = ["TokenScorer", "KeyNormScorer", "ObservationScorer", "layer_eviction_ratios", "select_kept", "make_scorer"]
+__all__ = ["TokenScorer", "KeyDiffScorer", "KeyNormScorer", "ObservationScorer", "layer_eviction_ratios", "select_kept", "make_scorer"]
 
 
 def make_scorer(name: str, *, observation_window: int = 32) -> TokenScorer:
@@ -14,4 +15,6 @@ def make_scorer(name: str, *, observation_window: int = 32) -> TokenScorer:
         return ObservationScorer(window=observation_window)
     if name == "key_norm":
         return KeyNormScorer()
-    raise ValueError(f"unknown scorer {name!r}; use 'observation' or 'key_norm'")
+    if name == "key_diff":
+        return KeyDiffScorer()
+    raise ValueError(f"unknown scorer {name!r}; use 'observation', 'key_norm' or 'key_diff'")
