@@ -92,8 +92,8 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
     """
     chosen = get_preset(preset, **overrides)
     if chosen.eviction_ratio > 0 and chosen.scorer == "observation":
-        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_diff' or 'key_norm' or "
-                         "eviction_ratio=0, or let an optimized model compress during its prefill")
+        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_diff' or "
+                         "'key_norm' or eviction_ratio=0, or let an optimized model compress during its prefill")
     out = NexusCache(config, chosen, max_cache_len=max_cache_len)
     if len(cache.layers) != len(out.layers):
         raise ValueError(f"cache has {len(cache.layers)} layers, the config {len(out.layers)}")

@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import ops
 from .codec.hadamard import hadamard_matrix
+from .codec.kv import channel_statistics
 from .codec.lattice import code_for
 from .codec.rope import RotarySpec, apply_rotary
 from .policy import layer_eviction_ratios, make_scorer, select_kept
@@ -459,31 +460,16 @@ class NexusLayer(CacheLayerMixin):
             setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
 
     def _set_norm(self, pk, pv, ppos, select) -> None:
-        """Per-(sequence, KV head, channel) statistics of the first chunk's coded tokens (real, not sinks).
-
-        Keys are measured before RoPE. ``"per_channel"`` sets mean and standard deviation (floored at 1% of
-        the head's mean deviation, so a near-constant channel is not blown up), ``"per_pair"`` the same with
-        one deviation per RoPE pair (the root mean square of the pair's two), ``"mean"`` the mean only.
-        """
+        """Normalization statistics (:func:`~nqcompile.codec.kv.channel_statistics`) of the first chunk's
+        coded tokens (``select``: real, not sinks); keys are measured before RoPE."""
         if self.kind == "exact":
             return
         r = self.rotary
         pre = apply_rotary(pk.to(torch.promote_types(pk.dtype, torch.float32)), ppos[:, None, :], self.inv_freq,
                            attention_scaling=r.attention_scaling, rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
-        w = select[:, None, :, None].float()
-        n = w.sum(2).clamp(min=1.0)
-        for i, (x, mode) in enumerate(((pre, self.preset.key_norm), (pv.float(), self.preset.value_norm))):
-            if mode == "none":
-                continue
-            mean = (x * w).sum(2) / n
-            self.norm_mean[i] = mean.float()
-            if mode in ("per_channel", "per_pair"):
-                var = (((x - mean[:, :, None]) ** 2) * w).sum(2) / n
-                if mode == "per_pair":
-                    var = _pair_mean(var, r.rotary_dim, r.layout)
-                std = var.sqrt()
-                floor = 0.01 * std.mean(-1, keepdim=True)
-                self.norm_scale[i] = torch.where(floor > 0, std.clamp(min=floor), torch.ones_like(std)).float()
+        for i, (x, mode) in enumerate(((pre, self.preset.key_norm), (pv, self.preset.value_norm))):
+            self.norm_mean[i], self.norm_scale[i] = channel_statistics(x, select, mode, rotary_dim=r.rotary_dim,
+                                                                       layout=r.layout)
 
     def _check_contiguous(self, ppos, index, count) -> None:
         """Without eviction, code positions are implicit (``code_pos0 + slot``): check that they really are."""
@@ -518,19 +504,6 @@ class NexusLayer(CacheLayerMixin):
 
     def physical_tokens(self) -> int:
         return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_win_len)
-
-
-def _pair_mean(x: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
-    """Average ``x`` ``[..., D]`` over the two channels of each RoPE pair (channels past ``rotary_dim`` unchanged)."""
-    out = x.clone()
-    if layout == "half":
-        half = rotary_dim // 2
-        m = (x[..., :half] + x[..., half:rotary_dim]) / 2
-        out[..., :half], out[..., half:rotary_dim] = m, m
-    else:
-        m = (x[..., 0:rotary_dim:2] + x[..., 1:rotary_dim:2]) / 2
-        out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2] = m, m
-    return out
 
 
 def _ordered_index(select: torch.Tensor, width: int) -> torch.Tensor:

@@ -71,7 +71,8 @@ class Preset:
             rotates into each other, ``"mean"`` only subtracts the mean, ``"none"`` skips it.
         value_norm: the same for the values (``"per_channel"``, ``"mean"`` or ``"none"``: values have no RoPE pairs).
         eviction_ratio: fraction of each prefill chunk's tokens removed at the chunk's end, in [0, 1).
-            Sinks and the recent window count as kept. Decode tokens are never evicted.
+            Sinks and the recent window count as kept. Decode tokens and chunks shorter than
+            ``min_evict_tokens`` are never evicted.
         scorer: ``"observation"`` ranks tokens by the attention the chunk's last ``observation_window``
             queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
             ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430);

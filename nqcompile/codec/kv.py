@@ -27,7 +27,7 @@ from .lattice import code_for
 from .rope import apply_rotary
 from .vector import dequantize_vectors, quantize_vectors
 
-__all__ = ["KVTransform", "encode_keys", "decode_keys", "encode_values", "decode_values"]
+__all__ = ["KVTransform", "channel_statistics", "encode_keys", "decode_keys", "encode_values", "decode_values"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,60 @@ class KVTransform:
     attention_scaling: float
     rotary_dim: int
     layout: str
+
+
+def channel_statistics(x: torch.Tensor, select: torch.Tensor, mode: str, *, rotary_dim: int,
+                       layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sequence, KV head, channel) normalization statistics of the selected tokens.
+
+    Args:
+        x: ``[B, H, L, D]`` pre-RoPE keys or values (any float dtype).
+        select: ``[B, L]`` bool, the tokens to measure.
+        mode: ``"per_channel"`` (mean and standard deviation), ``"per_pair"`` (mean, and one deviation per
+            RoPE pair: the root mean square of the pair's two), ``"mean"`` (mean, scale 1) or ``"none"``
+            (mean 0, scale 1).
+        rotary_dim, layout: which channels RoPE pairs (``"half"``: ``c`` with ``c + rotary_dim / 2``;
+            ``"interleaved"``: ``2i`` with ``2i + 1``); channels past ``rotary_dim`` keep their own deviation.
+
+    Returns:
+        ``(mean, scale)``, float32 ``[B, H, D]``. Deviations are floored at 1% of the head's mean deviation
+        (a near-constant channel is not blown up); a head with no deviation at all gets scale 1.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in ("per_channel", "per_pair", "mean", "none"):
+        raise ValueError(f"unknown normalization {mode!r}; use 'per_channel', 'per_pair', 'mean' or 'none'")
+    batch, heads, _, dim = x.shape
+    mean = torch.zeros(batch, heads, dim, dtype=torch.float32, device=x.device)
+    scale = torch.ones_like(mean)
+    if mode == "none":
+        return mean, scale
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    w = select[:, None, :, None].to(x.dtype)
+    n = w.sum(2).clamp(min=1.0)
+    mean = (x * w).sum(2) / n
+    if mode in ("per_channel", "per_pair"):
+        var = (((x - mean[:, :, None]) ** 2) * w).sum(2) / n
+        if mode == "per_pair":
+            var = _pair_mean(var, rotary_dim, layout)
+        std = var.sqrt()
+        floor = 0.01 * std.mean(-1, keepdim=True)
+        scale = torch.where(floor > 0, std.clamp(min=floor), torch.ones_like(std))
+    return mean.float(), scale.float()
+
+
+def _pair_mean(x: torch.Tensor, rotary_dim: int, layout: str) -> torch.Tensor:
+    """Average ``x`` ``[..., D]`` over the two channels of each RoPE pair (channels past ``rotary_dim`` unchanged)."""
+    out = x.clone()
+    if layout == "half":
+        half = rotary_dim // 2
+        m = (x[..., :half] + x[..., half:rotary_dim]) / 2
+        out[..., :half], out[..., half:rotary_dim] = m, m
+    else:
+        m = (x[..., 0:rotary_dim:2] + x[..., 1:rotary_dim:2]) / 2
+        out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2] = m, m
+    return out
 
 
 def encode_keys(key: torch.Tensor, positions: torch.Tensor, hadamard: torch.Tensor, inv_freq: torch.Tensor,

@@ -6,7 +6,8 @@ from .key_diff import KeyDiffScorer
 from .key_norm import KeyNormScorer
 from .observation import ObservationScorer
 
-__all__ = ["TokenScorer", "KeyDiffScorer", "KeyNormScorer", "ObservationScorer", "layer_eviction_ratios", "select_kept", "make_scorer"]
+__all__ = ["TokenScorer", "KeyDiffScorer", "KeyNormScorer", "ObservationScorer", "layer_eviction_ratios", "select_kept",
+           "make_scorer"]
 
 
 def make_scorer(name: str, *, observation_window: int = 32) -> TokenScorer:
