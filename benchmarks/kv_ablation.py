@@ -10,7 +10,8 @@ protocol (continuation through the cache as decode steps, eviction, exact window
 ``benchmarks/quality.py``; this one says where the cost comes from.
 
 A configuration is ``K<bits>V<bits>[/<key_norm>[/<value_norm>]]`` with ``x`` for "left exact", for
-example ``K3Vx/per_pair`` (3-bit keys, exact values), ``KxV2`` or ``K4V2/mean/per_channel``.
+example ``K3Vx/per_pair`` (3-bit keys, exact values), ``KxV2`` or ``K4V2/mean/per_channel``; the key
+normalization defaults to ``per_pair`` and the value normalization to ``none`` (the presets' defaults).
 
     python benchmarks/kv_ablation.py --threads 1 K3Vx/per_channel K3Vx/per_pair K3Vx/mean K3Vx/none KxV2 KxV3
 """
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from nqcompile.codec.hadamard import hadamard_matrix
-from nqcompile.codec.kv import KVTransform, channel_statistics, decode_keys, decode_values, encode_keys, encode_values
+from nqcompile.codec.kv import (NORMS, VALUE_NORMS, KVTransform, channel_statistics, decode_keys, decode_values,
+                                encode_keys, encode_values)
 from nqcompile.codec.rope import RotarySpec, apply_rotary
 from nqcompile.eval import perplexity_windows
 from nqcompile.models import load_pretrained
-from nqcompile.presets import NORMS
 
 _CONFIG = re.compile(r"^K(x|[234])V(x|[234])(?:/(\w+))?(?:/(\w+))?$")
 
@@ -59,8 +60,10 @@ def parse_config(text: str) -> Config:
         raise argparse.ArgumentTypeError(f"{text!r} is not K<2|3|4|x>V<2|3|4|x>[/key_norm[/value_norm]]")
     kb, vb, kn, vn = m.groups()
     kn, vn = kn or "per_pair", vn or "none"
-    if kn not in NORMS or vn not in NORMS or vn == "per_pair":
-        raise argparse.ArgumentTypeError(f"{text!r}: key_norm in {NORMS}, value_norm in {NORMS[1:]}")
+    if kn not in NORMS:
+        raise argparse.ArgumentTypeError(f"{text!r}: key normalization {kn!r} is not one of {NORMS}")
+    if vn not in VALUE_NORMS:
+        raise argparse.ArgumentTypeError(f"{text!r}: value normalization {vn!r} is not one of {VALUE_NORMS}")
     return Config(None if kb == "x" else int(kb), None if vb == "x" else int(vb), kn, vn, text)
 
 
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sinks", type=int, default=4, help="first tokens left exact, as the cache's attention sinks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.windows < 1 or args.prefix <= args.sinks or args.continuation < 2:
+        p.error("need --windows >= 1, --prefix > --sinks and --continuation >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -75,7 +75,8 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
     """Turn a ``DynamicCache`` filled by a prefill into a :class:`~nqcompile.NexusCache`.
 
     The prefill's tokens are compressed as one chunk: sinks and recent window kept exact, the middle
-    evicted (``key_norm`` scorer: no queries are available here) and quantized.
+    evicted by a scorer that needs no queries (``key_diff`` or ``key_norm``; none are available here; not
+    at all when the prefill is shorter than the preset's ``min_evict_tokens``) and quantized.
 
     Args:
         cache: a ``DynamicCache`` holding ``[B, Hkv, L, D]`` keys and values in every layer.

@@ -460,8 +460,8 @@ class NexusLayer(CacheLayerMixin):
             setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
 
     def _set_norm(self, pk, pv, ppos, select) -> None:
-        """Normalization statistics (:func:`~nqcompile.codec.kv.channel_statistics`) of the first chunk's
-        coded tokens (``select``: real, not sinks); keys are measured before RoPE."""
+        """Normalization statistics (:func:`~nqcompile.codec.kv.channel_statistics`) of the first chunk's real
+        tokens other than the sinks (``select``; window and evicted tokens included); keys before RoPE."""
         if self.kind == "exact":
             return
         r = self.rotary

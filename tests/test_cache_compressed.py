@@ -98,10 +98,12 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset):
                                   itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2)
         compressed = layer._host_code_len
         assert min(compressed) > 50
-        copy_numel = 2 * layer.heads * min(compressed) * layer.head_dim  # any float copy of the codes' tokens
         for name, t in layer.tensors().items():
             if t.is_floating_point():
-                assert t.numel() < copy_numel, f"float tensor {name} {tuple(t.shape)} could hold the compressed tokens"
+                if t.dim() == 4:  # [B, H, tokens, D] (sinks, window) or [2, B, H, D] (statistics)
+                    assert t.shape[2] < min(compressed), f"float tensor {name} {tuple(t.shape)} holds compressed tokens"
+                else:
+                    assert name in ("hadamard", "inv_freq"), f"unexpected float tensor {name} {tuple(t.shape)}"
     expected += 64 * 64 * 4  # the shared Hadamard matrix
     report = cache.memory_report()
     assert report.allocated_bytes == expected
@@ -140,11 +142,11 @@ def test_normalization_statistics_match_a_float64_reference(key_norm):
     overrides = dict(SMALL, key_norm=key_norm, value_norm="per_channel")
     nqcompile.optimize(model, "quant_only", **overrides)
     gen = torch.Generator().manual_seed(11)
-    ids = torch.randint(1, 256, (2, 60), generator=gen)
+    ids = torch.randint(1, 256, (2, 120), generator=gen)
     mask = torch.ones_like(ids)
-    mask[1, :13] = 0  # left padding: sequence 1 has 47 real tokens
+    mask[1, :13] = 0  # left padding: sequence 1 has 107 real tokens
     ref = DynamicCache()
-    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=64, **overrides)
+    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=128, **overrides)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, past_key_values=ref)

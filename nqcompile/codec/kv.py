@@ -6,7 +6,7 @@ Keys (Hadamard-rotated after RoPE removal and per-channel normalization)::
     decode:  codes --> x --H^T--> x * scale + mean --RoPE(pos)--> k_post
 
 Values skip RoPE: ``v --(v - mean) / scale--> x --H--> codes``. The per-channel ``mean`` and ``scale`` (one
-pair for keys, one for values, per sequence and KV head) come from the prefill (KIVI, Liu et al. 2024,
+pair for keys, one for values, per sequence and KV head) come from the first prefill chunk, sinks excluded (KIVI, Liu et al. 2024,
 arXiv:2402.02750, and KVQuant, Hooper et al. 2024, arXiv:2401.18079, observe per-channel structure in
 keys); subtracting the mean removes a bias that would otherwise eat most of the code's range, and the
 mean costs nothing in attention accuracy because it is stored exactly. ``H`` is the orthonormal Hadamard matrix of
@@ -27,7 +27,14 @@ from .lattice import code_for
 from .rope import apply_rotary
 from .vector import dequantize_vectors, quantize_vectors
 
-__all__ = ["KVTransform", "channel_statistics", "encode_keys", "decode_keys", "encode_values", "decode_values"]
+__all__ = ["KVTransform", "NORMS", "VALUE_NORMS", "MIN_DEVIATION_TOKENS", "channel_statistics", "encode_keys", "decode_keys", "encode_values", "decode_values"]
+
+
+#: Per-channel normalizations (:func:`channel_statistics`); values have no RoPE pairs, hence no ``per_pair``.
+NORMS = ("per_pair", "per_channel", "mean", "none")
+VALUE_NORMS = ("per_channel", "mean", "none")
+#: Fewest measured tokens per sequence for which per-channel deviations are estimated (else scale 1).
+MIN_DEVIATION_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,16 @@ def channel_statistics(x: torch.Tensor, select: torch.Tensor, mode: str, *, rota
 
     Returns:
         ``(mean, scale)``, float32 ``[B, H, D]``. Deviations are floored at 1% of the head's mean deviation
-        (a near-constant channel is not blown up); a head with no deviation at all gets scale 1.
+        (a near-constant channel is not blown up); a head with no deviation at all, or a sequence with fewer
+        than ``MIN_DEVIATION_TOKENS`` selected tokens (too few to estimate one), gets scale 1.
 
     Raises:
-        ValueError: unknown mode.
+        ValueError: unknown mode or layout.
     """
-    if mode not in ("per_channel", "per_pair", "mean", "none"):
-        raise ValueError(f"unknown normalization {mode!r}; use 'per_channel', 'per_pair', 'mean' or 'none'")
+    if mode not in NORMS:
+        raise ValueError(f"unknown normalization {mode!r}; use one of {NORMS}")
+    if layout not in ("half", "interleaved"):
+        raise ValueError(f"unknown rotary layout {layout!r}; use 'half' or 'interleaved'")
     batch, heads, _, dim = x.shape
     mean = torch.zeros(batch, heads, dim, dtype=torch.float32, device=x.device)
     scale = torch.ones_like(mean)
@@ -88,7 +98,8 @@ def channel_statistics(x: torch.Tensor, select: torch.Tensor, mode: str, *, rota
             var = _pair_mean(var, rotary_dim, layout)
         std = var.sqrt()
         floor = 0.01 * std.mean(-1, keepdim=True)
-        scale = torch.where(floor > 0, std.clamp(min=floor), torch.ones_like(std))
+        enough = (floor > 0) & (n >= MIN_DEVIATION_TOKENS)
+        scale = torch.where(enough, std.clamp(min=floor), torch.ones_like(std))
     return mean.float(), scale.float()
 
 

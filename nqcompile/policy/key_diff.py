@@ -3,7 +3,8 @@
 Park et al. 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in
 Resource-Constrained Environments" (arXiv:2504.15364): keys that point away from the average key are the
 distinctive ones, and attention to them cannot be replaced by attention to their neighbours. The score is
-``-cos(k, mean_k)`` per (sequence, KV head), with the mean over the chunk's real candidate tokens. It needs
+``-cos(k, mean_k)`` per (sequence, KV head), with the mean over every valid key the cache passes (the
+chunk, the recent window it pushes out and, on the first chunk, the sinks). It needs
 no queries, so it does not depend on what the end of the context happens to ask for (query-agnostic
 needle retrieval is what it is for).
 """
