@@ -317,9 +317,7 @@ class NexusLayer(CacheLayerMixin):
 
     def _exact_segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sinks and window: keys/values ``[B, H, S + R, D]`` and validity ``[B, S + R]``."""
-        s, r = self.sink_k.shape[2], self.win_k.shape[2]
-        valid = torch.cat([torch.arange(s, device=self.device)[None] < self.sink_len[:, None],
-                           torch.arange(r, device=self.device)[None] < self.win_len[:, None]], dim=1)
+        valid = torch.cat([_first(self.sink_len, self.sink_k.shape[2]), _first(self.win_len, self.win_k.shape[2])], 1)
         return torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), valid
 
     def _decode(self, query, key, value, positions, scaling) -> torch.Tensor:
@@ -344,8 +342,8 @@ class NexusLayer(CacheLayerMixin):
         # The stream of exact tokens: the old window (slots < win_len) then the new tokens.
         sk, sv = torch.cat([self.win_k, key], 2), torch.cat([self.win_v, value], 2)
         spos = torch.cat([self.win_pos, positions.to(torch.int64)], 1)
-        stream_valid = torch.cat([torch.arange(r_cap, device=dev)[None] < self.win_len[:, None],
-                                  torch.ones(self.batch, q_len, dtype=torch.bool, device=dev)], 1)
+        new = torch.ones(self.batch, q_len, dtype=torch.bool, device=dev)
+        stream_valid = torch.cat([_first(self.win_len, r_cap), new], 1)
         order = _ordered_index(stream_valid, r_cap + q_len)  # stream slot of stream token i
         n_flush = torch.tensor(total, device=dev)
         code_start = self.code_len.clone()
@@ -362,8 +360,7 @@ class NexusLayer(CacheLayerMixin):
         rank = torch.where(stream_valid, stream_valid.long().cumsum(1) - 1, -1)  # stream index of each slot
         last = torch.tensor(old_win, device=dev)[:, None] + t[None]  # [B, q]
         visible = (rank[:, None, :] >= f[:, :, None]) & (rank[:, None, :] <= last[:, :, None])
-        s_cap = self.sink_k.shape[2]
-        sink_valid = torch.arange(s_cap, device=dev)[None] < self.sink_len[:, None]
+        sink_valid = _first(self.sink_len, self.sink_k.shape[2])
         exact_mask = torch.cat([sink_valid[:, None, :].expand(-1, q_len, -1), visible], dim=2)
         n_codes = max(self._host_code_len)
         out = ops.dequant_attention(
@@ -413,7 +410,7 @@ class NexusLayer(CacheLayerMixin):
         q_len = key.shape[2]
         pk, pv = torch.cat([self.win_k, key], 2), torch.cat([self.win_v, value], 2)
         ppos = torch.cat([self.win_pos, positions.to(torch.int64)], 1)
-        preal = torch.cat([torch.arange(r_cap, device=self.device)[None] < self.win_len[:, None], real], 1)
+        preal = torch.cat([_first(self.win_len, r_cap), real], 1)
         rank = preal.cumsum(1) - 1
         n_real = preal.sum(1)
         n_sink = n_real.clamp(max=s_cap) if self.chunks == 0 else torch.zeros_like(n_real)
@@ -450,7 +447,7 @@ class NexusLayer(CacheLayerMixin):
         buf_k = getattr(self, f"{prefix}_k")
         cap = buf_k.shape[2]
         index = _ordered_index(select, cap)
-        keep = torch.arange(cap, device=self.device)[None] < select.sum(1, keepdim=True)
+        keep = _first(select.sum(1), cap)
         hidx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
         k = torch.where(keep[:, None, :, None], pk.gather(2, hidx), torch.zeros((), dtype=pk.dtype))
         v = torch.where(keep[:, None, :, None], pv.gather(2, hidx), torch.zeros((), dtype=pv.dtype))
@@ -466,7 +463,8 @@ class NexusLayer(CacheLayerMixin):
             return
         r = self.rotary
         pre = apply_rotary(pk.to(torch.promote_types(pk.dtype, torch.float32)), ppos[:, None, :], self.inv_freq,
-                           attention_scaling=r.attention_scaling, rotary_dim=r.rotary_dim, layout=r.layout, inverse=True)
+                           attention_scaling=r.attention_scaling, rotary_dim=r.rotary_dim, layout=r.layout,
+                           inverse=True)
         for i, (x, mode) in enumerate(((pre, self.preset.key_norm), (pv, self.preset.value_norm))):
             self.norm_mean[i], self.norm_scale[i] = channel_statistics(x, select, mode, rotary_dim=r.rotary_dim,
                                                                        layout=r.layout)
@@ -504,6 +502,11 @@ class NexusLayer(CacheLayerMixin):
 
     def physical_tokens(self) -> int:
         return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_win_len)
+
+
+def _first(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` bool: slot ``j`` of row ``b`` is one of the first ``lengths[b]`` (``[B]`` int64)."""
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
 
 
 def _ordered_index(select: torch.Tensor, width: int) -> torch.Tensor:
