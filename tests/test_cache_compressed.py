@@ -8,23 +8,9 @@ from transformers import DynamicCache
 
 from nqcompile.codec.rope import apply_rotary
 from nqcompile.cache import NexusLayer
-from tiny_models import tiny_model
+from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0)
-
-
-def _prefill_and_decode(model, ids, mask, cache, steps):
-    """Left-padded prefill then ``steps`` greedy decode steps; returns logits ``[B, steps + 1, V]``."""
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
-    logits = [out.logits[:, -1]]
-    for _ in range(steps):
-        token = logits[-1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(token)], 1)
-        positions = positions[:, -1:] + 1
-        out = model(token, attention_mask=mask, position_ids=positions, past_key_values=cache)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
 
 
 @pytest.mark.parametrize("preset", ["balanced", "max"])
@@ -42,10 +28,10 @@ def test_left_padded_batch_matches_each_prompt_alone(preset):
         mask[row, width - len(p):] = 1
     with torch.no_grad():
         batch_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=width + steps + 1, **SMALL)
-        batched = _prefill_and_decode(model, ids, mask, batch_cache, steps)
+        batched = prefill_and_decode(model, ids, batch_cache, steps, mask=mask)
         for row, p in enumerate(prompts):
             cache = nqcompile.NexusCache(model.config, preset, max_cache_len=len(p) + steps + 1, **SMALL)
-            alone = _prefill_and_decode(model, p[None], torch.ones(1, len(p), dtype=torch.long), cache, steps)
+            alone = prefill_and_decode(model, p[None], cache, steps)
             torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0,
                                        msg=f"{preset}: row {row} (length {len(p)}) differs from its solo run")
     # Eviction really happened, per sequence: the kept counts follow each prompt's own length.

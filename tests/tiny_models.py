@@ -36,3 +36,19 @@ def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: in
             if "k_proj" in name or "q_proj" in name or "qkv_proj" in name:
                 p.mul_(4.0)
     return model.eval()
+
+
+def prefill_and_decode(model, ids: torch.Tensor, cache, steps: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill ``ids`` ``[B, L]`` (left-padded where ``mask`` ``[B, L]`` is 0) then ``steps`` greedy decode
+    steps through ``cache``; returns the last-token logits of every call, ``[B, steps + 1, V]``."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        positions = positions[:, -1:] + 1
+        out = model(token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
