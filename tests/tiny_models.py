@@ -38,7 +38,8 @@ def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: in
     return model.eval()
 
 
-def prefill_and_decode(model, ids: torch.Tensor, cache, steps: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_and_decode(model, ids: torch.Tensor, cache, steps: int, *,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill ``ids`` ``[B, L]`` (left-padded where ``mask`` ``[B, L]`` is 0) then ``steps`` greedy decode
     steps through ``cache``; returns the last-token logits of every call, ``[B, steps + 1, V]``."""
     mask = torch.ones_like(ids) if mask is None else mask
