@@ -35,7 +35,8 @@ from transformers import DynamicCache
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.codec.kv import (NORMS, VALUE_NORMS, KVTransform, channel_statistics, decode_keys, decode_values,
                                 encode_keys, encode_values)
-from nqcompile.codec.rope import RotarySpec, apply_rotary
+from nqcompile.codec.rope import apply_rotary
+from nqcompile.codec.rotary_spec import RotarySpec
 from nqcompile.eval import perplexity_windows
 from nqcompile.models import load_pretrained
 

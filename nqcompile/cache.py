@@ -36,7 +36,8 @@ from . import ops
 from .codec.hadamard import hadamard_matrix
 from .codec.kv import channel_statistics
 from .codec.lattice import code_for
-from .codec.rope import RotarySpec, apply_rotary
+from .codec.rope import apply_rotary
+from .codec.rotary_spec import RotarySpec
 from .policy import layer_eviction_ratios, make_scorer, select_kept
 from .presets import BLOCK_TOKENS, Preset, get_preset
 
@@ -105,7 +106,7 @@ class NexusLayer(CacheLayerMixin):
         preset: the cache's :class:`~nqcompile.presets.Preset`.
         bits: ``(key_bits, value_bits)`` for this layer, or ``None`` for exact storage.
         eviction_ratio: fraction of each chunk's tokens evicted in this layer.
-        rotary: the layer's :class:`~nqcompile.codec.rope.RotarySpec`.
+        rotary: the layer's :class:`~nqcompile.codec.rotary_spec.RotarySpec`.
         max_cache_len: logical capacity in tokens per sequence (prompt + new tokens), or ``None`` to let the
             code buffers grow at chunk ends.
 
