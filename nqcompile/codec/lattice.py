@@ -62,7 +62,7 @@ from nqcompile.codec.scalar import (
     UniformScalarCode,
     check_decode_input,
     check_dim,
-    check_encode_input,
+    check_float_vectors,
 )
 
 __all__ = [
@@ -284,7 +284,7 @@ class E8LatticeCode:
         Raises:
             ValueError: on a non-float dtype, D not a multiple of 8, or inf/NaN values.
         """
-        x = check_encode_input(x, "E8LatticeCode")
+        x = check_float_vectors(x, "E8LatticeCode.encode")
         lead, dim = x.shape[:-1], x.shape[-1]
         blocks = x.reshape(-1, 8)
         codes = torch.empty((blocks.shape[0], self.bits), dtype=torch.uint8, device=x.device)

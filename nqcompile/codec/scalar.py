@@ -68,18 +68,24 @@ def check_dim(dim: int, owner: str) -> None:
         )
 
 
-def check_encode_input(x: Tensor, owner: str) -> Tensor:
-    """Validate a float ``[..., D]`` input (D multiple of 8) and return it as float32."""
+def check_float_vectors(x: Tensor, where: str) -> Tensor:
+    """Validate a finite float ``[..., D]`` input (D a positive multiple of 8) and return it as float32.
+
+    ``where`` names the caller in the error messages (e.g. ``"quantize_vectors"``, ``"LloydMaxCode.encode"``).
+
+    Raises:
+        ValueError: not a floating tensor, a scalar, D not a positive multiple of 8, or inf/NaN values.
+    """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(
-            f"{owner}.encode: x must be a floating-point tensor [..., D], got "
+            f"{where}: x must be a floating-point tensor [..., D], got "
             f"{getattr(x, 'dtype', type(x).__name__)}"
         )
     if x.dim() == 0:
-        raise ValueError(f"{owner}.encode: x must have shape [..., D], got a scalar")
-    check_dim(x.shape[-1], f"{owner}.encode")
+        raise ValueError(f"{where}: x must have shape [..., D], got a scalar")
+    check_dim(x.shape[-1], where)
     if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{owner}.encode: x holds inf/NaN values; clean the input first")
+        raise ValueError(f"{where}: x holds inf/NaN values; clean the input first")
     return x.to(torch.float32)
 
 
@@ -235,7 +241,7 @@ class _ScalarCode:
         Returns:
             uint8 tensor ``[..., D * bits // 8]``: level indices, bit-packed little-endian.
         """
-        x = check_encode_input(x, type(self).__name__)
+        x = check_float_vectors(x, f"{type(self).__name__}.encode")
         return pack_bits(self._index(x), self.bits)
 
     def decode(self, codes: Tensor, dim: int) -> Tensor:

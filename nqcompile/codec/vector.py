@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nqcompile.codec.scalar import FixedRateCode, check_dim
+from nqcompile.codec.scalar import FixedRateCode, check_dim, check_float_vectors
 from nqcompile.codec.scales import decode_scale, encode_scale
 
 __all__ = ["quantize_vectors", "dequantize_vectors", "vector_rms"]
@@ -48,17 +48,7 @@ def quantize_vectors(x: Tensor, code: FixedRateCode, *, scale_rounding: str = "c
     Raises:
         ValueError: if ``x`` is not floating point, D is not a multiple of 8, or ``x`` holds inf/NaN.
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(
-            "quantize_vectors: x must be a floating-point tensor [..., D], got "
-            f"{getattr(x, 'dtype', type(x).__name__)}"
-        )
-    if x.dim() == 0:
-        raise ValueError("quantize_vectors: x must have shape [..., D], got a scalar")
-    check_dim(x.shape[-1], "quantize_vectors")
-    xf = x.to(torch.float32)
-    if xf.numel() and not bool(torch.isfinite(xf).all()):
-        raise ValueError("quantize_vectors: x holds inf/NaN values; clean the input first")
+    xf = check_float_vectors(x, "quantize_vectors")
     scale_codes = encode_scale(vector_rms(xf), rounding=scale_rounding)
     s = decode_scale(scale_codes).unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
