@@ -188,6 +188,14 @@ def _e8(x: Tensor) -> Tensor:
     return torch.where(take0, y0, y1)
 
 
+def _checked(fn, x: Tensor, name: str) -> Tensor:
+    """Validate ``x`` and run the unchecked kernel ``fn``; half dtypes are computed in float32 and cast back."""
+    _check(x, name)
+    if x.dtype in _HALF_DTYPES:
+        return fn(x.float()).to(x.dtype)
+    return fn(x)
+
+
 def d8_nearest(x: Tensor) -> Tensor:
     """Nearest point of the checkerboard lattice D8 = {z in Z^8 : sum(z) even}.
 
@@ -206,10 +214,7 @@ def d8_nearest(x: Tensor) -> Tensor:
     Raises:
         ValueError: if ``x`` is not floating point or its last dimension is not 8.
     """
-    _check(x, "d8_nearest")
-    if x.dtype in _HALF_DTYPES:
-        return _d8(x.float()).to(x.dtype)
-    return _d8(x)
+    return _checked(_d8, x, "d8_nearest")
 
 
 def e8_nearest(x: Tensor) -> Tensor:
@@ -231,10 +236,7 @@ def e8_nearest(x: Tensor) -> Tensor:
     Raises:
         ValueError: if ``x`` is not floating point or its last dimension is not 8.
     """
-    _check(x, "e8_nearest")
-    if x.dtype in _HALF_DTYPES:
-        return _e8(x.float()).to(x.dtype)
-    return _e8(x)
+    return _checked(_e8, x, "e8_nearest")
 
 
 def is_in_e8(y: Tensor) -> Tensor:
