@@ -5,6 +5,8 @@ Each compressed layer (:class:`NexusLayer`) holds, per sequence of the batch:
 * ``sink_tokens`` attention sinks, exact, in the model's dtype (``sink_k``, ``sink_v``);
 * the compressed past: packed codes, one-byte scales and (when evicting) positions, in preallocated
   buffers of static capacity laid out as :mod:`nqcompile.ops` documents;
+* optionally a warm tier of the ``warm_tokens`` most recent compressed tokens, coded at ``warm_bits``
+  (``warm_k_codes``, ... ``warm_pos``), between the past and the window;
 * a recent window of ``recent_window`` exact tokens (``win_k``, ``win_v``) with their positions.
 
 Two lengths are never confused: the logical length (tokens seen, padding included; what
@@ -20,6 +22,10 @@ rest are RoPE-removed, normalized per channel (statistics of the first chunk), H
 E8-quantized and packed into the code buffers. No float copy survives. A decode token enters the window;
 when the window is full its oldest 16 tokens are flushed into codes (never evicted). A later chunk (the
 next turn) is compressed the same way; codes already written are never touched again.
+
+With a warm tier, the newest kept tokens of a chunk and the tokens flushed from the window are coded at
+``warm_bits`` first; tokens leaving the tier (its oldest, when it overflows; all of it when a new chunk
+is compressed, so that the past stays in time order) are decoded and coded once more at the preset's bits.
 """
 
 from __future__ import annotations
@@ -132,6 +138,9 @@ class NexusLayer(CacheLayerMixin):
         self.chunks = 0
         self._host_code_len: list[int] = []
         self._host_win_len: list[int] = []
+        self._host_warm_len: list[int] = []
+        #: Warm tier capacity in tokens (0: no tier for this layer).
+        self.warm_cap = preset.warm_tokens_for(bits) if bits is not None else 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         #: Treat a multi-token input as that many decode steps (see NexusCache.replay_as_decode).
         self.replay_as_decode = False
@@ -159,8 +168,16 @@ class NexusLayer(CacheLayerMixin):
         self.norm_mean = torch.zeros(2, batch, heads, dim, dtype=torch.float32, device=self.device)
         self.norm_scale = torch.ones(2, batch, heads, dim, dtype=torch.float32, device=self.device)
         self._allocate_codes(0)
+        wk_row, wv_row = (self.preset.warm_bits * dim // 8,) * 2
+        u8 = dict(dtype=torch.uint8, device=self.device)
+        w = self.warm_cap
+        self.warm_k_codes, self.warm_v_codes = torch.zeros(batch, heads, w, wk_row, **u8), torch.zeros(batch, heads, w, wv_row, **u8)
+        self.warm_k_scales, self.warm_v_scales = torch.zeros(batch, heads, w, **u8), torch.zeros(batch, heads, w, **u8)
+        self.warm_pos = torch.zeros(batch, heads, w, dtype=self._position_dtype(), device=self.device)
+        self.warm_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self._host_code_len = [0] * batch
         self._host_win_len = [0] * batch
+        self._host_warm_len = [0] * batch
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -284,6 +301,13 @@ class NexusLayer(CacheLayerMixin):
         return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, self.key_bits,
                 self.value_bits, float(r.attention_scaling), int(r.rotary_dim), r.layout)
 
+    def _warm_args(self) -> tuple:
+        args = self._codec_args()
+        return args[:5] + (self.preset.warm_bits, self.preset.warm_bits) + args[7:]
+
+    def _warm_tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.warm_k_codes, self.warm_k_scales, self.warm_v_codes, self.warm_v_scales
+
     def _code_positions(self) -> torch.Tensor:
         if self.evicting:
             return self.code_pos
@@ -316,17 +340,26 @@ class NexusLayer(CacheLayerMixin):
             return self._decode(query, key, value, positions, scaling)
         return self._chunk(query, key, value, real, positions, scaling)
 
+    def _warm_floats(self, tensors: tuple[torch.Tensor, ...], positions: torch.Tensor):
+        """Decode warm-tier codes (``k_codes, k_scales, v_codes, v_scales``) at ``positions`` ``[B, H, n]``: float32."""
+        return ops.dequant_kv(*tensors, positions, *self._warm_args())
+
     def _exact_segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sinks and window: keys/values ``[B, H, S + R, D]`` and validity ``[B, S + R]``."""
-        valid = torch.cat([_first(self.sink_len, self.sink_k.shape[2]), _first(self.win_len, self.win_k.shape[2])], 1)
-        return torch.cat([self.sink_k, self.win_k], 2), torch.cat([self.sink_v, self.win_v], 2), valid
+        """Sinks, warm tier (decoded) and window: keys/values ``[B, H, S + W + R, D]``, validity ``[B, S + W + R]``."""
+        ks, vs, valid = [self.sink_k], [self.sink_v], [_first(self.sink_len, self.sink_k.shape[2])]
+        if self.warm_cap:
+            wk, wv = self._warm_floats(self._warm_tensors(), self.warm_pos)
+            ks, vs, valid = ks + [wk], vs + [wv], valid + [_first(self.warm_len, self.warm_cap)]
+        ks, vs, valid = ks + [self.win_k], vs + [self.win_v], valid + [_first(self.win_len, self.win_k.shape[2])]
+        return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valid, 1)
 
     def _decode(self, query, key, value, positions, scaling) -> torch.Tensor:
         """``q`` decode steps at once (``q == 1`` in generation): each new token enters the window, and
-        whenever a window is full its oldest 16 tokens are flushed into codes first.
+        whenever a window is full its oldest 16 tokens are flushed (into the warm tier if there is one, whose
+        overflow goes on into codes; else into codes directly).
 
-        For ``q > 1`` the result equals ``q`` sequential calls: query ``t`` sees the codes flushed before
-        step ``t`` and the window as it stood at step ``t``; the flushes are the same 16-token blocks.
+        For ``q > 1`` the result equals ``q`` sequential calls: query ``t`` sees the codes, warm tokens and
+        window as they stood at step ``t``; the flushes are the same 16-token blocks.
         """
         r_cap, q_len = self.win_k.shape[2], key.shape[2]
         old_win = list(self._host_win_len)
@@ -347,34 +380,85 @@ class NexusLayer(CacheLayerMixin):
         stream_valid = torch.cat([_first(self.win_len, r_cap), new], 1)
         order = _ordered_index(stream_valid, r_cap + q_len)  # stream slot of stream token i
         n_flush = torch.tensor(total, device=dev)
+        idx = order[:, None, :max(total)].expand(-1, self.heads, -1)
+        fk, fv = ops.gather_tokens(sk, idx), ops.gather_tokens(sv, idx)  # flushed tokens, oldest first
+        fpos = spos[:, None, :].expand(-1, self.heads, -1).gather(2, idx)
+        sink_valid = _first(self.sink_len, self.sink_k.shape[2])
+        exact_k, exact_v, exact_mask = [self.sink_k], [self.sink_v], [sink_valid[:, None, :].expand(-1, q_len, -1)]
+        if self.warm_cap:
+            old_warm = list(self._host_warm_len)
+            to_codes = [[max(0, w + f - self.warm_cap) for f in fl] for w, fl in zip(old_warm, flushed)]
+            tier, src_pos = self._warm_flow(fk, fv, fpos, n_flush, to_codes)
+            src_k, src_v = self._warm_floats(tier, src_pos)
+            # Warm slot i (old tier, then this call's flushes) is in the tier at step t while
+            # to_codes[t] <= i < old_warm + flushed[t].
+            i = torch.arange(src_k.shape[2], device=dev)
+            lo = torch.tensor(to_codes, device=dev)
+            hi = torch.tensor(old_warm, device=dev)[:, None] + torch.tensor(flushed, device=dev)
+            exact_k, exact_v = exact_k + [src_k], exact_v + [src_v]
+            exact_mask.append((i[None, None] >= lo[:, :, None]) & (i[None, None] < hi[:, :, None]))
+        else:
+            to_codes, (src_k, src_v, src_pos) = flushed, (fk, fv, fpos)
         code_start = self.code_len.clone()
-        if max(total):
-            self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, total)))
-            width = max(total)
-            idx = order[:, None, :width].expand(-1, self.heads, -1)
-            self._write(ops.gather_tokens(sk, idx), ops.gather_tokens(sv, idx),
-                        spos[:, None, :].expand(-1, self.heads, -1).gather(2, idx), n_flush)
-        # Visibility per query t: codes below code_start + flushed[t]; stream tokens i with
-        # flushed[t] <= i <= old_win + t.
+        n_codes = [c[-1] for c in to_codes]
+        if max(n_codes):
+            self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, n_codes)))
+            m = max(n_codes)
+            self._write(src_k[:, :, :m], src_v[:, :, :m], src_pos[:, :, :m], torch.tensor(n_codes, device=dev))
+        # Stream token i is visible to query t while flushed[t] <= i <= old_win + t.
         f = torch.tensor(flushed, device=dev)  # [B, q]
         t = torch.arange(q_len, device=dev)
         rank = torch.where(stream_valid, stream_valid.long().cumsum(1) - 1, -1)  # stream index of each slot
         last = torch.tensor(old_win, device=dev)[:, None] + t[None]  # [B, q]
-        visible = (rank[:, None, :] >= f[:, :, None]) & (rank[:, None, :] <= last[:, :, None])
-        sink_valid = _first(self.sink_len, self.sink_k.shape[2])
-        exact_mask = torch.cat([sink_valid[:, None, :].expand(-1, q_len, -1), visible], dim=2)
-        n_codes = max(self._host_code_len)
+        exact_mask.append((rank[:, None, :] >= f[:, :, None]) & (rank[:, None, :] <= last[:, :, None]))
+        exact_k, exact_v = exact_k + [sk], exact_v + [sv]
+        n = max(self._host_code_len)
         out = ops.dequant_attention(
-            query, self.k_codes[:, :, :n_codes], self.k_scales[:, :, :n_codes], self.v_codes[:, :, :n_codes],
-            self.v_scales[:, :, :n_codes], self._code_positions()[:, :, :n_codes], code_start[:, None] + f,
-            torch.cat([self.sink_k, sk], 2), torch.cat([self.sink_v, sv], 2), exact_mask, *self._codec_args(),
-            scaling)
+            query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n], self.v_scales[:, :, :n],
+            self._code_positions()[:, :, :n], code_start[:, None] + torch.tensor(to_codes, device=dev),
+            torch.cat(exact_k, 2), torch.cat(exact_v, 2), torch.cat(exact_mask, 2), *self._codec_args(), scaling)
         # The window keeps the stream tokens not flushed, left-aligned.
         keep = stream_valid & (rank >= n_flush[:, None])
         self._take(keep, sk, sv, spos, "win")
         self.win_len = keep.sum(1)
         self._host_win_len = [w + q_len - n for w, n in zip(old_win, total)]
         return out
+
+    def _warm_flow(self, key, value, positions, count, to_codes) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Append ``count[b]`` tokens (``key``/``value`` ``[B, H, n, D]``, ``positions`` ``[B, H, n]``) to the warm
+        tier, coded at ``warm_bits``, and drop its first ``to_codes[b][-1]`` tokens (at most ``warm_cap`` stay).
+
+        Returns the tier before dropping (old tokens, then the appended ones): its code tensors
+        ``(k_codes, k_scales, v_codes, v_scales)`` of ``N`` slots and int64 positions ``[B, H, N]``. The caller
+        codes the dropped tokens from there, so a token is coded from its warm code however steps are grouped.
+        """
+        old = self._host_warm_len
+        n_ext = max(w + c for w, c in zip(old, count.tolist()))
+        tier = self._warm_tensors()
+        if int(count.max()):
+            ext = [torch.zeros(*x.shape[:2], n_ext, *x.shape[3:], dtype=x.dtype, device=x.device) for x in tier]
+            ext_pos = torch.zeros(self.batch, self.heads, n_ext, dtype=torch.int64, device=self.device)
+            held = min(self.warm_cap, n_ext)
+            for e, x in zip(ext + [ext_pos], list(tier) + [self.warm_pos]):
+                e[:, :, :held] = x[:, :, :held].to(e.dtype)
+            ops.write_kv(*ext, key, value, positions, self.warm_len, count, *self._warm_args())
+            j = torch.arange(key.shape[2], device=self.device)
+            b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
+            ext_pos[b_idx, :, self.warm_len[b_idx] + j_idx] = positions[b_idx, :, j_idx]
+        else:
+            ext, ext_pos = list(tier), self.warm_pos.to(torch.int64)
+        dropped = torch.tensor([m[-1] for m in to_codes], device=self.device)
+        if int(count.max()):
+            sel = (torch.arange(self.warm_cap, device=self.device)[None] + dropped[:, None]).clamp(max=n_ext - 1)
+            sel = sel[:, None, :].expand(-1, self.heads, -1)
+            names = ("warm_k_codes", "warm_k_scales", "warm_v_codes", "warm_v_scales")
+            for name, e in zip(names, ext):
+                setattr(self, name, e.gather(2, sel[..., None].expand(-1, -1, -1, e.shape[3])) if e.dim() == 4
+                        else e.gather(2, sel))
+            self.warm_pos = ext_pos.gather(2, sel).to(self.warm_pos.dtype)
+            self.warm_len = self.warm_len + count - dropped
+            self._host_warm_len = [w + c - d for w, c, d in zip(old, count.tolist(), dropped.tolist())]
+        return tuple(ext), ext_pos
 
     def _write(self, key, value, positions, count) -> None:
         """Quantize and append ``count[b]`` tokens ``[B, H, n, D]`` at each sequence's physical end."""
@@ -435,10 +519,23 @@ class NexusLayer(CacheLayerMixin):
             count = middle.sum(1)
             index = _ordered_index(middle, int(count.max()))[:, None].expand(-1, self.heads, -1)
             self._check_contiguous(ppos, index, count)
-        host_count = count.tolist()
-        self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, host_count)))
         kept_pos = ppos[:, None, :].expand(-1, self.heads, -1).gather(2, index)
-        self._write(ops.gather_tokens(pk, index), ops.gather_tokens(pv, index), kept_pos, count)
+        kept_k, kept_v = ops.gather_tokens(pk, index), ops.gather_tokens(pv, index)
+        to_codes = count - count.clamp(max=self.warm_cap)  # the newest kept tokens form the new warm tier
+        self._ensure_capacity(max(c + n + w for c, n, w in zip(self._host_code_len, to_codes.tolist(),
+                                                                  self._host_warm_len)))
+        if max(self._host_warm_len):  # the old tier goes first, keeping the past in time order
+            wk, wv = self._warm_floats(self._warm_tensors(), self.warm_pos)
+            self._write(wk, wv, self.warm_pos, self.warm_len)
+            self.warm_len = torch.zeros_like(self.warm_len)
+            self._host_warm_len = [0] * self.batch
+        m = int(to_codes.max())
+        self._write(kept_k[:, :, :m], kept_v[:, :, :m], kept_pos[:, :, :m], to_codes)
+        if self.warm_cap and index.shape[2]:
+            j = torch.arange(self.warm_cap, device=self.device)[None] + to_codes[:, None]
+            j = j.clamp(max=index.shape[2] - 1)[:, None, :].expand(-1, self.heads, -1)
+            self._warm_flow(ops.gather_tokens(kept_k, j), ops.gather_tokens(kept_v, j), kept_pos.gather(2, j),
+                            count - to_codes, [[0]] * self.batch)
         self._take(is_win, pk, pv, ppos, "win")
         self.win_len = n_win
         self._host_win_len = n_win.tolist()
@@ -471,12 +568,17 @@ class NexusLayer(CacheLayerMixin):
                                                                        layout=r.layout)
 
     def _check_contiguous(self, ppos, index, count) -> None:
-        """Without eviction, code positions are implicit (``code_pos0 + slot``): check that they really are."""
+        """Without eviction, code positions are implicit (``code_pos0 + slot``): check that the chunk's tokens
+        continue the compressed past (codes, then the warm tier) position by position."""
         if int(count.max()) == 0:
             return
         got = ppos.gather(1, index[:, 0])
-        first = torch.where(self.code_len == 0, got[:, 0], self.code_pos0)
-        expected = first[:, None] + self.code_len[:, None] + torch.arange(index.shape[2], device=self.device)
+        after = self.code_pos0 + self.code_len  # the position that continues the compressed past
+        if self.warm_cap:
+            last_warm = self.warm_pos[:, 0].gather(1, (self.warm_len - 1).clamp(min=0)[:, None])[:, 0]
+            after = torch.where(self.warm_len > 0, last_warm.long() + 1, after)
+        first = torch.where(self.code_len + self.warm_len == 0, got[:, 0], after)
+        expected = first[:, None] + torch.arange(index.shape[2], device=self.device)
         ok = (got == expected) | (torch.arange(index.shape[2], device=self.device)[None] >= count[:, None])
         if not bool(ok.all()):
             raise ValueError("without eviction NexusCache stores positions implicitly and needs consecutive "
@@ -499,10 +601,12 @@ class NexusLayer(CacheLayerMixin):
         exact_slot = 2 * self.heads * self.head_dim * self.sink_k.element_size()
         free_exact = sum(self.win_k.shape[2] - w for w in self._host_win_len)
         free_exact += int((self.sink_k.shape[2] - self.sink_len).sum())
-        return free_codes * per_slot + free_exact * exact_slot
+        warm_slot = sum(t[:, :, :1].nbytes for t in (*self._warm_tensors(), self.warm_pos) if t.shape[2]) // max(self.batch, 1)
+        free_warm = sum(self.warm_cap - w for w in self._host_warm_len)
+        return free_codes * per_slot + free_exact * exact_slot + free_warm * warm_slot
 
     def physical_tokens(self) -> int:
-        return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_win_len)
+        return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_warm_len) + sum(self._host_win_len)
 
 
 def _first(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ float tensors ``[B, Hkv, C, D]`` in the model's dtype and the scale tensors are 
 Ops:
     ``nqcompile::write_kv``          quantize new keys/values and write them at per-sequence offsets (mutating).
     ``nqcompile::gather_tokens``     evict/compact: keep the selected tokens of a chunk, in order.
+    ``nqcompile::dequant_kv``        decode stored tokens back to float keys (RoPE re-applied) and values.
     ``nqcompile::dequant_attention`` attention of queries over codes (dequantized on the fly) plus an exact segment.
 """
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from .codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
 
-__all__ = ["write_kv", "gather_tokens", "dequant_attention"]
+__all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention"]
 
 
 @torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
@@ -97,6 +98,42 @@ def _(x, index):
     return x.new_empty(*index.shape, x.shape[-1])
 
 
+def _decode(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind,
+            key_bits, value_bits, attention_scaling, rotary_dim, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
+    return (decode_keys(k_codes, k_scales, positions, hadamard, inv_freq, norm_mean[0], norm_scale[0], t),
+            decode_values(v_codes, v_scales, hadamard, norm_mean[1], norm_scale[1], t))
+
+
+@torch.library.custom_op("nqcompile::dequant_kv", mutates_args=())
+def dequant_kv(
+    k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+    positions: torch.Tensor, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
+    norm_scale: torch.Tensor, kind: str, key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``n`` stored tokens: the inverse of :func:`write_kv` up to quantization error.
+
+    Args:
+        k_codes, k_scales, v_codes, v_scales: uint8 codes ``[B, H, n, bits * D / 8]`` and scale codes ``[B, H, n]``.
+        positions: ``[B, H or 1, n]`` integer positions at which RoPE is re-applied to the keys.
+        hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
+            layout: codec parameters, as for :func:`write_kv` (``kind`` not ``"exact"``).
+
+    Returns:
+        ``(keys, values)``: float32 ``[B, H, n, D]`` post-RoPE keys and values.
+    """
+    return _decode(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind,
+                   key_bits, value_bits, attention_scaling, rotary_dim, layout)
+
+
+@dequant_kv.register_fake
+def _(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits,
+      value_bits, attention_scaling, rotary_dim, layout):
+    shape = (*k_codes.shape[:3], hadamard.shape[0])
+    return k_codes.new_empty(shape, dtype=torch.float32), k_codes.new_empty(shape, dtype=torch.float32)
+
+
 @torch.library.custom_op("nqcompile::dequant_attention", mutates_args=())
 def dequant_attention(
     query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
@@ -115,7 +152,8 @@ def dequant_attention(
         code_pos: ``[B, H or 1, C]`` integer positions of the stored tokens (RoPE is re-applied there).
         code_len: ``[B]`` int64, slots ``>= code_len[b]`` are ignored; or ``[B, q]``, a limit per query
             (a chunk replayed as decode steps sees the codes flushed before each of its tokens).
-        exact_k, exact_v: ``[B, H, E, D]`` exact (post-RoPE) keys/values: sinks, recent window, new tokens.
+        exact_k, exact_v: ``[B, H, E, D]`` float (post-RoPE) keys/values held outside ``k_codes``: sinks, the
+            warm tier (decoded by :func:`dequant_kv`), the recent window, new tokens.
         exact_mask: ``[B, q, E]`` bool, which exact tokens each query may attend to.
         hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
             layout: codec parameters, as for :func:`write_kv`.
@@ -129,9 +167,8 @@ def dequant_attention(
     if kind == "exact":
         kc, vc = k_codes, v_codes
     else:
-        t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
-        kc = decode_keys(k_codes, k_scales, code_pos, hadamard, inv_freq, norm_mean[0], norm_scale[0], t)
-        vc = decode_values(v_codes, v_scales, hadamard, norm_mean[1], norm_scale[1], t)
+        kc, vc = _decode(k_codes, k_scales, v_codes, v_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale,
+                         kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
     limit = code_len[:, None] if code_len.dim() == 1 else code_len  # [B, 1 or q]
     code_mask = torch.arange(capacity, device=query.device)[None, None, :] < limit[:, :, None]  # [B, 1|q, C]
     mask = torch.cat([code_mask.expand(batch, query.shape[2], capacity), exact_mask], dim=-1)

@@ -24,7 +24,9 @@ a code capacity of ``C`` tokens per sequence (a multiple of 16)::
     B * H * C * bytes_per_token                      codes, scales, positions
     + B * H * (sink_tokens + recent_window) * 2 * head_dim * itemsize   exact sinks and window
     + B * recent_window * 8                          window positions (int64)
-    + 4 * B * 8                                      lengths and first code position (int64)
+    + B * H * warm_tokens * (2 * warm_bits * head_dim / 8 + 2 + position_bytes)   warm tier codes, scales,
+                                                     positions; only in layers whose bits are below warm_bits
+    + 5 * B * 8                                      lengths and first code position (int64)
     + 4 * B * H * head_dim * 4                       per-channel key and value mean and scale (float32)
     + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
 
@@ -86,6 +88,11 @@ class Preset:
         sink_tokens: first tokens of each sequence kept exact and never evicted (StreamingLLM attention sinks).
         recent_window: most recent tokens kept exact in the model's dtype; a multiple of 16 (the block size).
             Decode tokens enter here and are flushed into codes 16 at a time.
+        warm_tokens: size of the warm tier, a multiple of 16 (0: none): the most recent compressed tokens
+            are held at ``warm_bits`` for keys and values; when the tier overflows, its oldest tokens are
+            decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
+            tokens carry most of the attention, so their precision is worth more bytes (README, Results).
+        warm_bits: bits per element of the warm tier's keys and values, at least ``key_bits`` and ``value_bits``.
         layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer; ``"pyramid"`` keeps more in
             lower layers and fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
@@ -112,6 +119,8 @@ class Preset:
     pooling_kernel: int = 7
     sink_tokens: int = 4
     recent_window: int = 32
+    warm_tokens: int = 0
+    warm_bits: int = 4
     layer_budget: str = "uniform"
     boundary_layers: int = 0
     boundary_bits: int | None = None
@@ -124,7 +133,7 @@ class Preset:
                 f"key_bits={self.key_bits} and value_bits={self.value_bits}: set both to None for exact storage, "
                 "or both to a bit width"
             )
-        for fname in ("key_bits", "value_bits", "boundary_bits"):
+        for fname in ("key_bits", "value_bits", "boundary_bits", "warm_bits"):
             bits = getattr(self, fname)
             if bits is not None and bits not in _BITS:
                 raise ValueError(f"{fname}={bits!r} is not offered by the codec; choose one of {_BITS} or None (exact)")
@@ -138,6 +147,11 @@ class Preset:
             raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")
         if self.recent_window < BLOCK_TOKENS or self.recent_window % BLOCK_TOKENS:
             raise ValueError(f"recent_window={self.recent_window} must be a positive multiple of {BLOCK_TOKENS}")
+        if self.warm_tokens < 0 or self.warm_tokens % BLOCK_TOKENS:
+            raise ValueError(f"warm_tokens={self.warm_tokens} must be a non-negative multiple of {BLOCK_TOKENS}")
+        if self.warm_tokens and not self.exact and self.warm_bits < max(self.key_bits, self.value_bits):
+            raise ValueError(f"warm_bits={self.warm_bits} is below key_bits={self.key_bits} or value_bits="
+                             f"{self.value_bits}; the warm tier holds recent tokens at least as precisely as the past")
         for fname in ("sink_tokens", "boundary_layers", "min_evict_tokens"):
             if getattr(self, fname) < 0:
                 raise ValueError(f"{fname}={getattr(self, fname)} must be >= 0")
@@ -200,8 +214,15 @@ class Preset:
         preset = self if evicting is None else self.replace(eviction_ratio=0.5 if evicting else 0.0)
         per_token = preset.bytes_per_token(head_dim, bits=bits, position_bytes=position_bytes, exact_itemsize=itemsize)
         exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * itemsize
-        return (batch * kv_heads * capacity * per_token + exact + batch * self.recent_window * 8 + 4 * batch * 8
-                + 4 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
+        warm = batch * kv_heads * self.warm_tokens_for(bits) * (2 * self.warm_bits * head_dim // 8 + 2 + position_bytes)
+        return (batch * kv_heads * capacity * per_token + exact + warm + batch * self.recent_window * 8
+                + 5 * batch * 8 + 4 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
+
+    def warm_tokens_for(self, bits: tuple[int | None, int | None] | None = None) -> int:
+        """Warm tier size in tokens of a layer stored at ``bits`` (default: the preset's): ``warm_tokens`` if the
+        layer is quantized below ``warm_bits`` in keys or values, else 0 (the tier would add nothing)."""
+        kb, vb = bits if bits is not None else (self.key_bits, self.value_bits)
+        return self.warm_tokens if kb is not None and min(kb, vb) < self.warm_bits else 0
 
 
 def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:

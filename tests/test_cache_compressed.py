@@ -7,16 +7,18 @@ import nqcompile
 from transformers import DynamicCache
 
 from nqcompile.codec.rope import apply_rotary
+from nqcompile import ops
 from nqcompile.cache import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0)
+WARM = dict(SMALL, warm_tokens=32)  # a warm tier of 32 tokens at 4 bits
 
 
-@pytest.mark.parametrize("preset", ["balanced", "max"])
-def test_left_padded_batch_matches_each_prompt_alone(preset):
+@pytest.mark.parametrize("preset,opts", [("balanced", SMALL), ("max", SMALL), ("balanced", WARM)])
+def test_left_padded_batch_matches_each_prompt_alone(preset, opts):
     model = tiny_model("llama", dtype=torch.float64)
-    nqcompile.optimize(model, preset, **SMALL)
+    nqcompile.optimize(model, preset, **opts)
     gen = torch.Generator().manual_seed(3)
     lengths = (97, 150)
     prompts = [torch.randint(1, 256, (n,), generator=gen) for n in lengths]
@@ -27,10 +29,10 @@ def test_left_padded_batch_matches_each_prompt_alone(preset):
         ids[row, width - len(p):] = p
         mask[row, width - len(p):] = 1
     with torch.no_grad():
-        batch_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=width + steps + 1, **SMALL)
+        batch_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=width + steps + 1, **opts)
         batched = prefill_and_decode(model, ids, batch_cache, steps, mask=mask)
         for row, p in enumerate(prompts):
-            cache = nqcompile.NexusCache(model.config, preset, max_cache_len=len(p) + steps + 1, **SMALL)
+            cache = nqcompile.NexusCache(model.config, preset, max_cache_len=len(p) + steps + 1, **opts)
             alone = prefill_and_decode(model, p[None], cache, steps)
             torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0,
                                        msg=f"{preset}: row {row} (length {len(p)}) differs from its solo run")
@@ -40,15 +42,17 @@ def test_left_padded_batch_matches_each_prompt_alone(preset):
     for row, n in enumerate(lengths):
         kept = max(0, round(n * (1 - ratio)) - SMALL["sink_tokens"] - SMALL["recent_window"])
         flushed = 16 * ((SMALL["recent_window"] + steps) // 16)  # decode tokens flushed from the window
-        assert layer._host_code_len[row] == kept + flushed
+        warm = min(opts.get("warm_tokens", 0), kept + flushed)  # the newest compressed tokens, at 4 bits
+        assert (layer._host_code_len[row], layer._host_warm_len[row]) == (kept + flushed - warm, warm)
 
 
-def test_second_turn_leaves_first_turn_codes_bit_identical():
+@pytest.mark.parametrize("opts", [SMALL, WARM], ids=["no_warm", "warm"])
+def test_second_turn_leaves_first_turn_codes_bit_identical(opts):
     model = tiny_model("qwen2")
-    nqcompile.optimize(model, "balanced", **SMALL)
+    nqcompile.optimize(model, "balanced", **opts)
     gen = torch.Generator().manual_seed(5)
     turn1, turn2 = torch.randint(1, 256, (1, 120), generator=gen), torch.randint(1, 256, (1, 40), generator=gen)
-    cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+    cache = nqcompile.NexusCache(model.config, "balanced", **opts)
     with torch.no_grad():
         model(turn1, past_key_values=cache)
         for _ in range(18):  # decode steps: one block flush from the window
@@ -67,12 +71,12 @@ def test_second_turn_leaves_first_turn_codes_bit_identical():
     assert cache.get_seq_length() == 120 + 18 + 40
 
 
-@pytest.mark.parametrize("preset", ["quant_only", "balanced"])
-def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset):
+@pytest.mark.parametrize("preset,opts", [("quant_only", SMALL), ("balanced", SMALL), ("quant_only", WARM)])
+def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset, opts):
     model = tiny_model("llama")
-    nqcompile.optimize(model, preset, **SMALL)
+    nqcompile.optimize(model, preset, **opts)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(7))
-    cache = nqcompile.NexusCache(model.config, preset, max_cache_len=150 + 10, **SMALL)
+    cache = nqcompile.NexusCache(model.config, preset, max_cache_len=150 + 10, **opts)
     with torch.no_grad():
         model(ids, past_key_values=cache)
         for _ in range(10):
@@ -97,26 +101,29 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset):
     assert report.bf16_bytes == 3 * 4 * 2 * 1 * 64 * 160
 
 
-@pytest.mark.parametrize("kind", ["llama", "phi3"])
-def test_replay_as_decode_equals_token_by_token_decode(kind):
+@pytest.mark.parametrize("kind,opts", [("llama", SMALL), ("phi3", SMALL), ("llama", WARM)])
+def test_replay_as_decode_equals_token_by_token_decode(kind, opts):
     model = tiny_model(kind)
-    nqcompile.optimize(model, "balanced", **SMALL)
+    nqcompile.optimize(model, "balanced", **opts)
     gen = torch.Generator().manual_seed(11)
     prompt, continuation = torch.randint(1, 256, (2, 70), generator=gen), torch.randint(1, 256, (2, 37), generator=gen)
     with torch.no_grad():
-        step_cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+        step_cache = nqcompile.NexusCache(model.config, "balanced", **opts)
         model(prompt, past_key_values=step_cache)
         stepwise = torch.cat([model(continuation[:, t:t + 1], past_key_values=step_cache).logits
                               for t in range(continuation.shape[1])], 1)
-        replay_cache = nqcompile.NexusCache(model.config, "balanced", **SMALL)
+        replay_cache = nqcompile.NexusCache(model.config, "balanced", **opts)
         model(prompt, past_key_values=replay_cache)
         with replay_cache.replay_as_decode():
             replayed = model(continuation, past_key_values=replay_cache).logits
     torch.testing.assert_close(replayed, stepwise, atol=2e-5, rtol=1e-4)
     for a, b in zip(step_cache.layers, replay_cache.layers):
-        assert a._host_code_len == b._host_code_len and a._host_win_len == b._host_win_len
+        assert (a._host_code_len, a._host_warm_len, a._host_win_len) == (
+            b._host_code_len, b._host_warm_len, b._host_win_len)
         n = a._host_code_len[0]
         assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n])
+        w = a._host_warm_len[0]
+        assert torch.equal(a.warm_v_codes[:, :, :w], b.warm_v_codes[:, :, :w])
         w = a._host_win_len[0]
         torch.testing.assert_close(a.win_k[:, :, :w], b.win_k[:, :, :w], atol=1e-5, rtol=1e-5)
 
@@ -169,3 +176,40 @@ def test_chunk_shorter_than_min_evict_tokens_is_quantized_not_evicted():
     assert first == round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4 - 16  # the long chunk evicted
     assert cache.layers[0]._host_code_len[0] == first + 40  # the short one only pushed 40 tokens into codes
     assert cache.get_seq_length() == 240
+
+
+def test_warm_tier_holds_the_newest_tokens_at_warm_bits_and_hands_them_on_once():
+    """Prefill: the newest compressed tokens sit in the warm tier at 4 bits (closer to the model's keys/values than
+    the 2-bit past); a second chunk codes the old tier once more at the preset's bits, from its warm decode."""
+    model = tiny_model("llama", dtype=torch.float64)
+    nqcompile.optimize(model, "quant_only", **WARM)
+    gen = torch.Generator().manual_seed(13)
+    ids, more = torch.randint(1, 256, (1, 100), generator=gen), torch.randint(1, 256, (1, 40), generator=gen)
+    ref, cache = DynamicCache(), nqcompile.NexusCache(model.config, "quant_only", **WARM)
+    with torch.no_grad():
+        model(ids, past_key_values=ref)
+        model(ids, past_key_values=cache)
+    layer = cache.layers[1]
+    # 100 tokens: 4 sinks, 16 in the window, 80 compressed: 48 coded at K4V2, the newest 32 in the tier.
+    assert (layer._host_code_len, layer._host_warm_len, layer._host_win_len) == ([48], [32], [16])
+    assert torch.equal(layer.warm_pos[0, 0].long(), torch.arange(52, 84))
+    warm_k, warm_v = layer._warm_floats(layer._warm_tensors(), layer.warm_pos)
+    past_k, past_v = ops.dequant_kv(layer.k_codes[:, :, :48], layer.k_scales[:, :, :48], layer.v_codes[:, :, :48],
+                                    layer.v_scales[:, :, :48], torch.arange(4, 52).expand(1, 1, 48),
+                                    *layer._codec_args())
+
+    def rel(x, y):
+        return float((x - y).pow(2).mean() / y.pow(2).mean())
+
+    keys, values = ref.layers[1].keys, ref.layers[1].values
+    assert rel(warm_k, keys[:, :, 52:84]) < 0.03 and rel(warm_v, values[:, :, 52:84]) < 0.03
+    assert rel(past_v, values[:, :, 4:52]) > 5 * rel(warm_v, values[:, :, 52:84])  # 2-bit past vs 4-bit tier
+    expected = (torch.zeros(1, layer.heads, 32, 32, dtype=torch.uint8), torch.zeros(1, layer.heads, 32, dtype=torch.uint8),
+                torch.zeros(1, layer.heads, 32, 16, dtype=torch.uint8), torch.zeros(1, layer.heads, 32, dtype=torch.uint8))
+    ops.write_kv(*expected, warm_k, warm_v, layer.warm_pos.long(), torch.tensor([0]), torch.tensor([32]),
+                 *layer._codec_args())
+    with torch.no_grad():
+        model(more, past_key_values=cache)
+    for name, want in zip(("k_codes", "k_scales", "v_codes", "v_scales"), expected):
+        assert torch.equal(getattr(layer, name)[:, :, 48:80], want), name
+    assert layer._host_code_len == [80 + 40 - 32] and layer._host_warm_len == [32]
