@@ -6,7 +6,6 @@ import torch
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.codec.kv import KVTransform, decode_keys, decode_values
-from nqcompile.codec.rope import apply_rotary
 
 
 def _storage(kind, b=2, h=2, cap=32, d=64, kb=3, vb=2):
