@@ -40,11 +40,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import ops
 from .codec.hadamard import hadamard_matrix
-from .codec.kv import channel_statistics
+from .codec.kv import KVTransform, channel_statistics
 from .codec.lattice import code_for
 from .codec.rope import apply_rotary
 from .codec.rotary_spec import RotarySpec
 from .policy import layer_eviction_ratios, make_scorer, select_kept
+from .policy.key_bits import trial_key_kl
 from .presets import BLOCK_TOKENS, Preset, get_preset
 
 __all__ = ["NexusCache", "NexusLayer", "CacheMemoryReport"]
@@ -129,7 +130,12 @@ class NexusLayer(CacheLayerMixin):
         super().__init__()
         self.preset = preset
         self.kind = "exact" if bits is None else preset.codec
-        self.key_bits, self.value_bits = bits if bits is not None else (0, 0)
+        self._bits = bits if bits is not None else (0, 0)
+        self.key_bits, self.value_bits = self._bits
+        #: Whether the first chunk may lower the key bits (``Preset.relax_key_kl``; not for boundary layers).
+        self.relaxable = preset.relax_key_kl > 0 and bits == (preset.key_bits, preset.value_bits)
+        #: The attention KL measured for ``key_bits - 1`` at the first chunk (nats), or None.
+        self.key_kl: float | None = None
         self.eviction_ratio = eviction_ratio
         self.rotary = rotary
         self.max_cache_len = max_cache_len
@@ -150,6 +156,8 @@ class NexusLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.batch, self.heads, self.head_dim = batch, heads, dim
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_bits, self.value_bits = self._bits
+        self.key_kl = None
         if self.kind != "exact":
             code_for(self.kind, self.key_bits)  # fail early on an unsupported combination
         kw = dict(dtype=self.dtype, device=self.device)
@@ -237,6 +245,9 @@ class NexusLayer(CacheLayerMixin):
             raise ValueError("ingest() only fills an empty layer")
         if self.evicting and self.preset.scorer == "observation":
             raise ValueError("ingest() has no queries: use scorer='key_diff' or 'key_norm', or no eviction")
+        if self.relaxable:
+            raise ValueError("ingest() has no queries to measure relax_key_kl with: pass relax_key_kl=0 "
+                             "(every layer then keeps key_bits)")
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         self._check_logical(key.shape[2])
@@ -503,17 +514,20 @@ class NexusLayer(CacheLayerMixin):
         is_sink = preal & (rank < n_sink[:, None])
         is_win = preal & (rank >= (n_real - n_win)[:, None])
         middle = preal & ~is_sink & ~is_win
+        time = torch.arange(r_cap + q_len, device=self.device)
+        key_time = time[None].expand_as(preal)
+        qtime = torch.where(real, time[r_cap:][None], torch.full_like(real, -1, dtype=torch.int64))
         if self.chunks == 0:
             self._set_norm(pk, pv, ppos, preal & ~is_sink)
+            if self.relaxable:
+                self._relax_key_bits(query, pk, ppos, middle, qtime, key_time, preal, scaling)
             self._take(is_sink, pk, pv, None, "sink")
             self.sink_len = n_sink
         budget = (n_real.double() * (1.0 - self.eviction_ratio)).round().long() - n_sink - n_win
         budget = torch.where(real.sum(1) < self.preset.min_evict_tokens, middle.sum(1), budget)  # short chunk: keep all
         if self.evicting:
-            time = torch.arange(r_cap + q_len, device=self.device)
-            qtime = torch.where(real, time[r_cap:][None], torch.full_like(real, -1, dtype=torch.int64))
-            scores = self.scorer.score(query=query, key=pk, query_time=qtime, key_time=time[None].expand_as(preal),
-                                       key_valid=preal, scaling=scaling)
+            scores = self.scorer.score(query=query, key=pk, query_time=qtime, key_time=key_time, key_valid=preal,
+                                       scaling=scaling)
             index, count = select_kept(scores, middle, budget.clamp(min=0), pooling_kernel=self.preset.pooling_kernel)
         else:
             count = middle.sum(1)
@@ -539,6 +553,20 @@ class NexusLayer(CacheLayerMixin):
         self._take(is_win, pk, pv, ppos, "win")
         self.win_len = n_win
         self._host_win_len = n_win.tolist()
+
+    def _relax_key_bits(self, query, pk, ppos, coded, qtime, key_time, key_valid, scaling) -> None:
+        """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
+        ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl`; ``coded``: the tokens that become codes)."""
+        r = self.rotary
+        trial = KVTransform(self.kind, self.key_bits - 1, self.value_bits, float(r.attention_scaling),
+                            int(r.rotary_dim), r.layout)
+        self.key_kl = trial_key_kl(query, pk, ppos, coded, transform=trial, hadamard=self.hadamard,
+                                   inv_freq=self.inv_freq, norm_mean=self.norm_mean[0], norm_scale=self.norm_scale[0],
+                                   query_time=qtime, key_time=key_time, key_valid=key_valid,
+                                   window=self.preset.observation_window, scaling=scaling)
+        if self.key_kl < self.preset.relax_key_kl:
+            self.key_bits -= 1
+            self._allocate_codes(0)  # nothing is coded before the first chunk ends
 
     def _take(self, select: torch.Tensor, pk, pv, ppos, prefix: str) -> None:
         """Copy the selected tokens (``select`` ``[B, L]``, in order) into the sink or window buffers."""

@@ -93,6 +93,10 @@ class Preset:
             decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
             tokens carry most of the attention, so their precision is worth more bytes (README, Results).
         warm_bits: bits per element of the warm tier's keys and values, at least ``key_bits`` and ``value_bits``.
+        relax_key_kl: attention-aware key bits (:mod:`nqcompile.policy.key_bits`): at the first prefill chunk
+            each layer stored at the preset's bits tries its keys at ``key_bits - 1`` and keeps that width if the
+            last ``observation_window`` queries' attention moves by less than this KL divergence (nats, mean
+            over queries, query heads and sequences). 0 disables; needs queries (not ``compress_kv_cache``).
         layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer; ``"pyramid"`` keeps more in
             lower layers and fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
@@ -121,6 +125,7 @@ class Preset:
     recent_window: int = 32
     warm_tokens: int = 0
     warm_bits: int = 4
+    relax_key_kl: float = 0.0
     layer_budget: str = "uniform"
     boundary_layers: int = 0
     boundary_bits: int | None = None
@@ -155,6 +160,11 @@ class Preset:
         for fname in ("sink_tokens", "boundary_layers", "min_evict_tokens"):
             if getattr(self, fname) < 0:
                 raise ValueError(f"{fname}={getattr(self, fname)} must be >= 0")
+        if not self.relax_key_kl >= 0.0:
+            raise ValueError(f"relax_key_kl={self.relax_key_kl!r} must be >= 0 (nats; 0 disables)")
+        if self.relax_key_kl and (self.exact or self.key_bits == 2):
+            raise ValueError(f"relax_key_kl={self.relax_key_kl} tries keys one bit below key_bits={self.key_bits}, "
+                             "which the codec does not offer; use key_bits 3 or 4, or relax_key_kl=0")
         if self.observation_window < 1:
             raise ValueError(f"observation_window={self.observation_window} must be >= 1")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:

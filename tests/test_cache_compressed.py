@@ -213,3 +213,32 @@ def test_warm_tier_holds_the_newest_tokens_at_warm_bits_and_hands_them_on_once()
     for name, want in zip(("k_codes", "k_scales", "v_codes", "v_scales"), expected):
         assert torch.equal(getattr(layer, name)[:, :, 48:80], want), name
     assert layer._host_code_len == [80 + 40 - 32] and layer._host_warm_len == [32]
+
+
+def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lower():
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "quant_only", **SMALL)
+    ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(17))
+
+    def run(threshold):
+        cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=160, relax_key_kl=threshold, **SMALL)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            for _ in range(10):
+                model(ids[:, :1], past_key_values=cache)
+        return cache
+
+    kls = [layer.key_kl for layer in run(1e9).layers]  # every layer measured (and relaxed)
+    assert all(kl > 0 for kl in kls)
+    threshold = sorted(kls)[1] * 1.0001  # between the second and third smallest KL
+    cache = run(threshold)
+    assert [layer.key_kl for layer in cache.layers] == kls  # deterministic, measured before any code is written
+    for layer in cache.layers:
+        assert layer.key_bits == (3 if layer.key_kl < threshold else 4)
+        assert layer.k_codes.shape[-1] == layer.key_bits * layer.head_dim // 8
+    assert sorted(layer.key_bits for layer in cache.layers)[:3] == [3, 3, 4]
+    expected = 64 * 64 * 4 + sum(
+        cache.preset.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
+                                 itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2,
+                                 bits=(layer.key_bits, layer.value_bits)) for layer in cache.layers)
+    assert cache.memory_report().allocated_bytes == expected

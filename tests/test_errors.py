@@ -32,6 +32,10 @@ def test_unknown_preset_and_bits():
         nqcompile.get_preset("balanced", key_bits=5)
     with pytest.raises(TypeError, match="unknown preset field"):
         nqcompile.get_preset("balanced", keybits=3)
+    with pytest.raises(ValueError, match="one bit below key_bits=2"):
+        nqcompile.get_preset("max", relax_key_kl=0.01)
+    with pytest.raises(ValueError, match="warm_bits=3 is below key_bits=4"):
+        nqcompile.get_preset("quant_only", warm_tokens=64, warm_bits=3)
 
 
 def test_cache_past_its_capacity():

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
+from nqcompile.policy.key_bits import attention_kl
 
 
 @settings(max_examples=50, deadline=None)
@@ -85,3 +86,33 @@ def test_key_diff_scorer_matches_cosine_to_mean_of_valid_keys(batch, heads, leng
             for t in range(length):
                 want = -(k[b, h, t] @ mean) / (k[b, h, t].norm() * mean.norm())
                 torch.testing.assert_close(got[b, h, t], want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 12), st.integers(1, 6), st.data())
+def test_attention_kl_equals_brute_force(batch, heads, q_len, window, data):
+    """Mean KL over the last `window` real queries, every query head and sequence, with padding and causality."""
+    n_q, n_kv = heads
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    past = data.draw(st.integers(0, 4))
+    k_len = past + q_len
+    query = torch.randn(batch, n_q, q_len, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(batch, n_kv, k_len, 8, generator=g, dtype=torch.float64)
+    key_hat = key + 0.3 * torch.randn(key.shape, generator=g, dtype=torch.float64)
+    pad = torch.randint(0, q_len, (batch,), generator=g)  # left padding of each sequence's queries and keys
+    query_time = torch.where(torch.arange(q_len)[None] >= pad[:, None], past + torch.arange(q_len)[None], -1)
+    key_time = torch.arange(k_len)[None].expand(batch, -1)
+    key_valid = (torch.arange(k_len)[None] < past) | (torch.arange(k_len)[None] >= past + pad[:, None])
+    got = attention_kl(query, key, key_hat, query_time=query_time, key_time=key_time, key_valid=key_valid,
+                       window=window, scaling=0.5)
+    terms = []
+    for b in range(batch):
+        real = [i for i in range(q_len) if query_time[b, i] >= 0][-window:]
+        for i in real:
+            visible = key_valid[b] & (key_time[b] <= query_time[b, i])
+            for h in range(n_q):
+                kv = h // (n_q // n_kv)
+                p = torch.softmax(0.5 * key[b, kv, visible] @ query[b, h, i], 0)
+                p_hat = torch.softmax(0.5 * key_hat[b, kv, visible] @ query[b, h, i], 0)
+                terms.append(float((p * (p / p_hat).log()).sum()))
+    assert abs(got - sum(terms) / len(terms)) < 1e-9

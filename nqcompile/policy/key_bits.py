@@ -1,0 +1,67 @@
+"""Attention-aware key bits: a layer whose attention barely moves when its keys lose a bit stores them so.
+
+Measured on SmolLM2-135M (README, Results): the perplexity cost of 3-bit keys concentrates in a few layers,
+and the layers whose observation queries' attention changes least under 3-bit keys can store them at
+3 bits at almost no cost. At the end of the first prefill chunk a layer codes its keys one bit lower as a
+trial (the reference codec of :mod:`nqcompile.codec.kv`), measures the KL divergence between the
+attention of the chunk's last queries over the exact keys and over the trial keys, and stores its keys at
+the lower width when that divergence is below the preset's ``relax_key_kl``. Like the observation scorer
+(SnapKV, Li et al. 2024, arXiv:2404.14469), it uses the chunk's own queries: no extra forward. KVTuner (Li
+et al. 2025, arXiv:2502.04420) chooses key/value bits per layer from attention sensitivity offline, per model;
+here the choice is made online, per prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec.kv import KVTransform, decode_keys, encode_keys
+from .observation import observation_logits
+
+__all__ = ["attention_kl", "trial_key_kl"]
+
+
+def attention_kl(query: torch.Tensor, key: torch.Tensor, key_hat: torch.Tensor, *, query_time: torch.Tensor,
+                 key_time: torch.Tensor, key_valid: torch.Tensor, window: int, scaling: float) -> float:
+    """Mean KL divergence ``KL(p || p_hat)`` in nats between the attention of the last ``window`` real queries of
+    each sequence over ``key`` (``p``) and over ``key_hat`` (``p_hat``).
+
+    Args:
+        query: ``[B, Hq, Lq, D]`` post-RoPE queries. key, key_hat: ``[B, Hkv, Lk, D]`` post-RoPE keys (GQA:
+            ``Hq`` a multiple of ``Hkv``). query_time, key_time, key_valid, scaling: as for
+            :meth:`~nqcompile.policy.base.TokenScorer.score`.
+        window: observation queries per sequence.
+
+    Returns:
+        The mean over real observation queries, query heads and sequences (0.0 when there are none).
+    """
+    kw = dict(query_time=query_time, key_time=key_time, key_valid=key_valid, window=window, scaling=scaling)
+    logits, real = observation_logits(query, key, **kw)
+    logits_hat, _ = observation_logits(query, key_hat, **kw)
+    log_p, log_q = logits.log_softmax(-1), logits_hat.log_softmax(-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # [B, Hkv, G, w]
+    n = real.sum() * kl.shape[1] * kl.shape[2]
+    return float((kl * real[:, None, None, :]).sum() / n) if int(n) else 0.0
+
+
+def trial_key_kl(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, coded: torch.Tensor, *,
+                 transform: KVTransform, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
+                 norm_scale: torch.Tensor, query_time: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
+                 window: int, scaling: float) -> float:
+    """:func:`attention_kl` of coding the ``coded`` keys with ``transform`` (the others stay exact).
+
+    Args:
+        query: ``[B, Hq, Lq, D]``. key: ``[B, Hkv, Lk, D]`` post-RoPE keys. positions: ``[B, Lk]`` int64 RoPE positions.
+        coded: ``[B, Lk]`` bool, the keys that would be stored as codes (not sinks, window or padding).
+        transform: codec parameters of the trial (its ``key_bits`` is the width tried).
+        hadamard, inv_freq: ``[D, D]`` and ``[rotary_dim / 2]`` float32.
+        norm_mean, norm_scale: ``[B, Hkv, D]`` float32 per-channel key normalization.
+        query_time, key_time, key_valid, window, scaling: as for :func:`attention_kl`.
+    """
+    pos = positions[:, None, :].expand(-1, key.shape[1], -1)
+    codes, scales = encode_keys(key, pos, hadamard, inv_freq, norm_mean, norm_scale, transform)
+    decoded = decode_keys(codes, scales, pos, hadamard, inv_freq, norm_mean, norm_scale, transform)
+    key_hat = torch.where(coded[:, None, :, None], decoded.to(key.dtype), key)
+    return attention_kl(query, key, key_hat, query_time=query_time, key_time=key_time, key_valid=key_valid,
+                        window=window, scaling=scaling)
