@@ -88,13 +88,18 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
         **overrides: :class:`~nqcompile.Preset` fields.
 
     Raises:
-        ValueError: the preset evicts with the ``observation`` scorer (it needs the prefill's queries;
-            pass ``scorer="key_diff"`` or ``"key_norm"``), or the cache holds layers of another kind.
+        ValueError: the preset evicts with the ``observation`` scorer or sets ``relax_key_kl`` (both need the
+            prefill's queries; pass ``scorer="key_diff"`` or ``"key_norm"``, ``relax_key_kl=0``), or the cache
+            holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
     if chosen.eviction_ratio > 0 and chosen.scorer == "observation":
         raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_diff' or "
                          "'key_norm' or eviction_ratio=0, or let an optimized model compress during its prefill")
+    if chosen.relax_key_kl:
+        raise ValueError(f"compress_kv_cache has no queries to measure relax_key_kl={chosen.relax_key_kl} with; pass "
+                         "relax_key_kl=0 (every layer keeps key_bits), or let an optimized model compress during its "
+                         "prefill")
     out = NexusCache(config, chosen, max_cache_len=max_cache_len)
     if len(cache.layers) != len(out.layers):
         raise ValueError(f"cache has {len(cache.layers)} layers, the config {len(out.layers)}")

@@ -23,6 +23,10 @@ E8-quantized and packed into the code buffers. No float copy survives. A decode 
 when the window is full its oldest 16 tokens are flushed into codes (never evicted). A later chunk (the
 next turn) is compressed the same way; codes already written are never touched again.
 
+With ``relax_key_kl`` set, the first chunk also decides each layer's key width: a layer whose observation
+queries' attention moves by less than that KL divergence when its keys lose a bit stores them one bit
+lower from then on (:mod:`nqcompile.policy.key_bits`).
+
 With a warm tier, the newest kept tokens of a chunk and the tokens flushed from the window are coded at
 ``warm_bits`` first; tokens leaving the tier (its oldest, when it overflows; all of it when a new chunk
 is compressed, so that the past stays in time order) are decoded and coded once more at the preset's bits.
@@ -81,6 +85,8 @@ class CacheMemoryReport:
         unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
         bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
             (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
+        layer_key_bits: key bits of each quantized layer, in layer order (``relax_key_kl`` lowers some at
+            the first chunk).
         compression_ratio: ``bf16_bytes / allocated_bytes``.
     """
 
@@ -89,6 +95,7 @@ class CacheMemoryReport:
     allocated_bytes: int
     unused_capacity_bytes: int
     bf16_bytes: int
+    layer_key_bits: tuple[int, ...] = ()
 
     @property
     def compression_ratio(self) -> float:
@@ -96,14 +103,19 @@ class CacheMemoryReport:
 
     def __str__(self) -> str:
         mib = 2.0**20
-        return "\n".join([
+        lines = [
             f"logical tokens (per sequence)     {self.logical_tokens:>12,}",
             f"physical tokens (all sequences)   {self.physical_tokens:>12,}",
             f"bf16 cache of the same tokens     {self.bf16_bytes / mib:>12.3f} MiB",
             f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
             f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
             f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
-        ])
+        ]
+        if self.layer_key_bits:
+            bits = self.layer_key_bits
+            lines.append("quantized layers by key bits      "
+                         + ", ".join(f"{b} bits: {bits.count(b)}" for b in sorted(set(bits))))
+        return "\n".join(lines)
 
 
 class NexusLayer(CacheLayerMixin):
@@ -473,6 +485,8 @@ class NexusLayer(CacheLayerMixin):
 
     def _write(self, key, value, positions, count) -> None:
         """Quantize and append ``count[b]`` tokens ``[B, H, n, D]`` at each sequence's physical end."""
+        if key.shape[2] == 0:
+            return
         ops.write_kv(self.k_codes, self.k_scales, self.v_codes, self.v_scales, key, value,
                      positions.to(torch.int64), self.code_len, count, *self._codec_args())
         if not self.evicting:
@@ -735,6 +749,7 @@ class NexusCache(Cache):
         seen: set[int] = set()
         allocated = unused = bf16 = 0
         logical = physical = None
+        key_bits = []
         for layer in self.layers:
             tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
                 k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
@@ -747,8 +762,9 @@ class NexusCache(Cache):
                 unused += layer.unused_bytes()
                 bf16 += 4 * layer.batch * layer.heads * layer.head_dim * layer.logical_len
                 logical = layer.logical_len if logical is None else logical
+                key_bits += [layer.key_bits] if layer.kind != "exact" else []
                 physical = layer.physical_tokens() if physical is None else physical
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
                 b, h, _, d = layer.keys.shape
                 bf16 += 4 * b * h * d * layer.get_seq_length()
-        return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16)
+        return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16, tuple(key_bits))

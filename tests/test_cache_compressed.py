@@ -11,7 +11,7 @@ from nqcompile import ops
 from nqcompile.cache import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
-SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0)
+SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0)
 WARM = dict(SMALL, warm_tokens=32)  # a warm tier of 32 tokens at 4 bits
 
 
@@ -221,7 +221,7 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(17))
 
     def run(threshold):
-        cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=160, relax_key_kl=threshold, **SMALL)
+        cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=160, **dict(SMALL, relax_key_kl=threshold))
         with torch.no_grad():
             model(ids, past_key_values=cache)
             for _ in range(10):
@@ -241,4 +241,7 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
         cache.preset.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
                                  itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2,
                                  bits=(layer.key_bits, layer.value_bits)) for layer in cache.layers)
-    assert cache.memory_report().allocated_bytes == expected
+    report = cache.memory_report()
+    assert report.allocated_bytes == expected
+    assert report.layer_key_bits == tuple(layer.key_bits for layer in cache.layers)
+    assert "3 bits: 2" in str(report)
