@@ -1,7 +1,8 @@
 """Quality benchmark: every preset against the exact cache, in one run (DESIGN.md, "Evaluation protocol").
 
 For the uncompressed baseline (``DynamicCache``) and every preset in ``nqcompile.PRESETS`` (or those given
-with ``--presets``) on SmolLM2-135M-Instruct (or ``--model``):
+with ``--presets``, plus any defined on the command line with ``--custom``) on SmolLM2-135M-Instruct (or
+``--model``):
 
 * measured byte ratio: ``memory_report().compression_ratio`` (bf16 bytes of the same tokens / bytes the
   cache allocated) at the end of each perplexity window, averaged over windows; unused preallocated
@@ -16,6 +17,7 @@ with ``--presets``) on SmolLM2-135M-Instruct (or ``--model``):
 Prints a markdown table and the command line it was run with; ``--out`` writes everything as JSON.
 
     python benchmarks/quality.py --windows 8 --out out/quality.json
+    python benchmarks/quality.py --presets '' --custom '{"k4v2": {"key_bits": 4, "value_bits": 2}}' --needle-lengths ''
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _custom(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not JSON ({err}); expected {{"name": {{"key_bits": 4, ...}}}}') from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise argparse.ArgumentTypeError('expected {"name": {Preset fields}, ...}')
+    return data
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the benchmark's command line (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -56,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--presets", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated preset names (default: all); '' runs the baseline only")
+    p.add_argument("--custom", type=_custom, default={},
+                   help='more caches as JSON, {"name": {Preset fields}}: run after --presets (ablations)')
     p.add_argument("--windows", type=int, default=8, help="perplexity windows (0: skip perplexity)")
     p.add_argument("--prefix", type=int, default=3584, help="prefill tokens per window")
     p.add_argument("--continuation", type=int, default=512, help="continuation tokens per window")
@@ -67,22 +81,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cache_factory(model, preset: str | None):
+def _cache_factory(model, preset: nqcompile.Preset | None):
     """``max_cache_len -> fresh cache``: DynamicCache for the baseline, else a NexusCache with ``preset``."""
     if preset is None:
         return lambda n: DynamicCache()
     return lambda n: nqcompile.NexusCache(model.config, preset=preset, max_cache_len=n)
 
 
-def evaluate(model, tokenizer, args: argparse.Namespace, presets: list[str]) -> dict:
+def evaluate(model, tokenizer, args: argparse.Namespace, presets: dict[str, nqcompile.Preset]) -> dict:
     """Run the baseline and every preset; return ``{name: results}`` (JSON-ready), baseline under ``"exact"``."""
     windows = perplexity_windows(tokenizer, n_windows=args.windows, prefix=args.prefix, continuation=args.continuation, seed=args.seed) if args.windows else []
     results: dict[str, dict] = {}
     base_nll = None
     for name in [BASELINE, *presets]:
         preset = None if name == BASELINE else name
-        factory = _cache_factory(model, preset)
+        factory = _cache_factory(model, presets.get(name))
         entry: dict = {"preset": preset}
+        if preset is not None:
+            entry["fields"] = presets[name].to_dict()
         t0 = time.perf_counter()
         if windows:
             runs = run_windows(model, windows, factory, desc=f"{name}: perplexity")
@@ -168,11 +184,21 @@ def _write(args: argparse.Namespace, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the table and the command line. Returns the exit status."""
     args = parse_args(argv)
-    presets = list(nqcompile.PRESETS) if args.presets is None else args.presets
-    unknown = [p for p in presets if p not in nqcompile.PRESETS]
+    names = list(nqcompile.PRESETS) if args.presets is None else args.presets
+    unknown = [p for p in names if p not in nqcompile.PRESETS]
     if unknown:
         print(f"unknown presets {unknown}; known: {sorted(nqcompile.PRESETS)}", file=sys.stderr)
         return 2
+    presets = {name: nqcompile.PRESETS[name] for name in names}
+    for name, fields in args.custom.items():
+        if name in presets or name == BASELINE:
+            print(f"--custom name {name!r} is taken; choose another", file=sys.stderr)
+            return 2
+        try:
+            presets[name] = nqcompile.Preset(name=name, **fields)
+        except (TypeError, ValueError) as err:
+            print(f"--custom {name!r}: {err}", file=sys.stderr)
+            return 2
     if any(not 0 <= d <= 1 for d in args.needle_depths):
         print("--needle-depths must lie in [0, 1]", file=sys.stderr)
         return 2
@@ -181,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
     if presets:
         # The attention is registered once; each cache carries its own preset, and DynamicCache runs exact SDPA.
-        model = nqcompile.optimize(model, preset=presets[0])
+        model = nqcompile.optimize(model, preset=next(iter(presets.values())))
     t0 = time.perf_counter()
     results = evaluate(model, tokenizer, args, presets)
     print()

@@ -78,10 +78,10 @@ class CacheMemoryReport:
 
     Attributes:
         logical_tokens: tokens seen per sequence (padding included), first layer.
-        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + window), first
-            compressed layer.
+        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + warm tier + window),
+            first compressed layer.
         allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
-            positions, exact sinks and window, lengths, normalization statistics, codec constants).
+            positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
         unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
         bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
             (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
