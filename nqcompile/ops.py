@@ -4,7 +4,7 @@ Every step that touches compressed storage goes through one of these ops, each w
 implementation (below) and a fake (meta) implementation, so the ``nexusquant`` backend can match them
 in a graph and the Triton kernels can replace the reference on CUDA without the cache changing.
 
-Storage layout of one compressed layer (all tensors owned by :class:`nqcompile.cache.NexusLayer`)::
+Storage layout of one compressed layer (all tensors owned by :class:`nqcompile.layer.NexusLayer`)::
 
     k_codes   uint8  [B, Hkv, C, key_bits * D / 8]    packed key codes, token-major per (sequence, KV head)
     v_codes   uint8  [B, Hkv, C, value_bits * D / 8]  packed value codes

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from nqcompile.codec.rope import apply_rotary
 from nqcompile import ops
-from nqcompile.cache import NexusLayer
+from nqcompile.layer import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0)
