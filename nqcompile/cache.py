@@ -144,6 +144,8 @@ class NexusCache(Cache):
             if isinstance(layer, NexusLayer) and layer.max_cache_len is not None:
                 layer.max_cache_len = max(layer.max_cache_len, layer.logical_len + new_tokens)
                 self.max_cache_len = layer.max_cache_len
+                if layer.is_initialized:
+                    layer.widen_positions()
 
     def memory_report(self) -> CacheMemoryReport:
         """Bytes actually held, counted from ``nbytes`` of every distinct tensor storage (see :class:`CacheMemoryReport`)."""

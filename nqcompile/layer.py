@@ -28,9 +28,10 @@ With ``relax_key_kl`` set, the first chunk also decides each layer's key width: 
 queries' attention moves by less than that KL divergence when its keys lose a bit stores them one bit
 lower from then on (:mod:`nqcompile.policy.key_bits`).
 
-With a warm tier, the newest kept tokens of a chunk and the tokens flushed from the window are coded at
-``warm_bits`` first; tokens leaving the tier (its oldest, when it overflows; all of it when a new chunk
-is compressed, so that the past stays in time order) are decoded and coded once more at the preset's bits.
+With a warm tier, the kept tokens of a chunk and the tokens flushed from the window join the tier (coded
+at ``warm_bits``) behind its older tokens; when it overflows, its oldest tokens are decoded and coded once
+more at the preset's bits (a chunk's own tokens that would overflow at once are coded directly). The past
+stays in time order: codes, then the tier, then the window.
 """
 
 
@@ -49,7 +50,7 @@ from .codec.lattice import code_for
 from .codec.rope import apply_rotary
 from .codec.rotary_spec import RotarySpec
 from .policy import make_scorer, select_kept
-from .policy.key_bits import trial_key_kl
+from .policy.key_bits import MIN_TRIAL_TOKENS, trial_key_kl
 from .presets import BLOCK_TOKENS, Preset
 
 __all__ = ["NexusLayer", "claim_layer"]
@@ -98,9 +99,12 @@ class NexusLayer(CacheLayerMixin):
         self.kind = "exact" if bits is None else preset.codec
         self._bits = bits if bits is not None else (0, 0)
         self.key_bits, self.value_bits = self._bits
+        #: Warm tier capacity in tokens (0: no tier for this layer); set with the buffers.
+        self.warm_cap = 0
         #: Whether the first chunk may lower the key bits (``Preset.relax_key_kl``; not for boundary layers).
         self.relaxable = preset.relax_key_kl > 0 and bits == (preset.key_bits, preset.value_bits)
-        #: The attention KL measured for ``key_bits - 1`` at the first chunk (nats), or None.
+        #: The attention KL measured for ``key_bits - 1`` at the first chunk (nats, the largest over the
+        #: sequences measured), or None.
         self.key_kl: float | None = None
         self.eviction_ratio = eviction_ratio
         self.rotary = rotary
@@ -111,8 +115,6 @@ class NexusLayer(CacheLayerMixin):
         self._host_code_len: list[int] = []
         self._host_win_len: list[int] = []
         self._host_warm_len: list[int] = []
-        #: Warm tier capacity in tokens (0: no tier for this layer).
-        self.warm_cap = preset.warm_tokens_for(bits) if bits is not None else 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         #: Treat a multi-token input as that many decode steps (see NexusCache.replay_as_decode).
         self.replay_as_decode = False
@@ -141,17 +143,12 @@ class NexusLayer(CacheLayerMixin):
         self.inv_freq = self.rotary.inv_freq.to(self.device)
         self.norm_mean = torch.zeros(2, batch, heads, dim, dtype=torch.float32, device=self.device)
         self.norm_scale = torch.ones(2, batch, heads, dim, dtype=torch.float32, device=self.device)
+        for name in ("k_codes", "v_codes", "k_scales", "v_scales", "code_pos"):  # reset(): nothing to copy over
+            self.__dict__.pop(name, None)
         self._allocate_codes(0)
-        wk_row, wv_row = (self.preset.warm_bits * dim // 8,) * 2
-        u8 = dict(dtype=torch.uint8, device=self.device)
-        w = self.warm_cap
-        self.warm_k_codes, self.warm_v_codes = torch.zeros(batch, heads, w, wk_row, **u8), torch.zeros(batch, heads, w, wv_row, **u8)
-        self.warm_k_scales, self.warm_v_scales = torch.zeros(batch, heads, w, **u8), torch.zeros(batch, heads, w, **u8)
-        self.warm_pos = torch.zeros(batch, heads, w, dtype=self._position_dtype(), device=self.device)
-        self.warm_len = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self._allocate_warm()
         self._host_code_len = [0] * batch
         self._host_win_len = [0] * batch
-        self._host_warm_len = [0] * batch
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -254,6 +251,25 @@ class NexusLayer(CacheLayerMixin):
                 tensor[:, :, : old.shape[2]] = old
             setattr(self, name, tensor)
         self.capacity = capacity
+
+    def _allocate_warm(self) -> None:
+        """(Re)allocate an empty warm tier of ``warm_cap`` slots for the layer's bits (``Preset.warm_tokens_for``)."""
+        self.warm_cap = self.preset.warm_tokens_for((self.key_bits, self.value_bits)) if self.kind != "exact" else 0
+        b, h, w = self.batch, self.heads, self.warm_cap
+        row = self.preset.warm_bits * self.head_dim // 8
+        u8 = dict(dtype=torch.uint8, device=self.device)
+        self.warm_k_codes, self.warm_v_codes = torch.zeros(b, h, w, row, **u8), torch.zeros(b, h, w, row, **u8)
+        self.warm_k_scales, self.warm_v_scales = torch.zeros(b, h, w, **u8), torch.zeros(b, h, w, **u8)
+        self.warm_pos = torch.zeros(b, h, w, dtype=self._position_dtype(), device=self.device)
+        self.warm_len = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self._host_warm_len = [0] * b
+
+    def widen_positions(self) -> None:
+        """Store positions as int32 once ``max_cache_len`` no longer fits int16 (after ``NexusCache.reserve``)."""
+        dtype = self._position_dtype()
+        for name in ("code_pos", "warm_pos"):
+            if name in self.__dict__ and getattr(self, name).dtype != dtype:
+                setattr(self, name, getattr(self, name).to(dtype))
 
     def _ensure_capacity(self, needed: int) -> None:
         """Make room for ``needed`` physical tokens per sequence, plus the remaining decode budget."""
@@ -432,7 +448,7 @@ class NexusLayer(CacheLayerMixin):
             for name, e in zip(names, ext):
                 setattr(self, name, e.gather(2, sel[..., None].expand(-1, -1, -1, e.shape[3])) if e.dim() == 4
                         else e.gather(2, sel))
-            self.warm_pos = ext_pos.gather(2, sel).to(self.warm_pos.dtype)
+            self.warm_pos = ext_pos.gather(2, sel).to(self._position_dtype())
             self.warm_len = self.warm_len + count - dropped
             self._host_warm_len = [w + c - d for w, c, d in zip(old, count.tolist(), dropped.tolist())]
         return tuple(ext), ext_pos
@@ -503,38 +519,50 @@ class NexusLayer(CacheLayerMixin):
             self._check_contiguous(ppos, index, count)
         kept_pos = ppos[:, None, :].expand(-1, self.heads, -1).gather(2, index)
         kept_k, kept_v = ops.gather_tokens(pk, index), ops.gather_tokens(pv, index)
-        to_codes = count - count.clamp(max=self.warm_cap)  # the newest kept tokens form the new warm tier
-        self._ensure_capacity(max(c + n + w for c, n, w in zip(self._host_code_len, to_codes.tolist(),
-                                                                  self._host_warm_len)))
-        if max(self._host_warm_len):  # the old tier goes first, keeping the past in time order
-            wk, wv = self._warm_floats(self._warm_tensors(), self.warm_pos)
-            self._write(wk, wv, self.warm_pos, self.warm_len)
-            self.warm_len = torch.zeros_like(self.warm_len)
-            self._host_warm_len = [0] * self.batch
-        m = int(to_codes.max())
-        self._write(kept_k[:, :, :m], kept_v[:, :, :m], kept_pos[:, :, :m], to_codes)
+        # The kept tokens join the warm tier behind its old tokens; what overflows goes to codes, oldest first:
+        # old warm tokens (coded again from their warm codes), then the chunk's own (coded directly).
+        old_warm = torch.tensor(self._host_warm_len, device=self.device)
+        overflow = (old_warm + count - self.warm_cap).clamp(min=0)
+        from_warm = torch.minimum(overflow, old_warm)
+        direct = overflow - from_warm
+        self._ensure_capacity(max(c + n for c, n in zip(self._host_code_len, overflow.tolist())))
         if self.warm_cap and index.shape[2]:
-            j = torch.arange(self.warm_cap, device=self.device)[None] + to_codes[:, None]
-            j = j.clamp(max=index.shape[2] - 1)[:, None, :].expand(-1, self.heads, -1)
-            self._warm_flow(ops.gather_tokens(kept_k, j), ops.gather_tokens(kept_v, j), kept_pos.gather(2, j),
-                            count - to_codes, [[0]] * self.batch)
+            j = (torch.arange(self.warm_cap, device=self.device)[None] + direct[:, None]).clamp(max=index.shape[2] - 1)
+            j = j[:, None, :].expand(-1, self.heads, -1)
+            tier, tier_pos = self._warm_flow(ops.gather_tokens(kept_k, j), ops.gather_tokens(kept_v, j),
+                                             kept_pos.gather(2, j), count - direct, [[n] for n in from_warm.tolist()])
+            n = int(from_warm.max())
+            if n:
+                wk, wv = self._warm_floats(tuple(t[:, :, :n] for t in tier), tier_pos[:, :, :n])
+                self._write(wk, wv, tier_pos[:, :, :n], from_warm)
+        m = int(direct.max())
+        self._write(kept_k[:, :, :m], kept_v[:, :, :m], kept_pos[:, :, :m], direct)
         self._take(is_win, pk, pv, ppos, "win")
         self.win_len = n_win
         self._host_win_len = n_win.tolist()
 
     def _relax_key_bits(self, query, pk, ppos, coded, qtime, key_time, key_valid, scaling) -> None:
         """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
-        ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl`; ``coded``: the tokens that become codes)."""
+        ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl`; ``coded``: the tokens that become codes)
+        in every sequence that codes at least ``MIN_TRIAL_TOKENS`` tokens; with none, the layer keeps its bits.
+
+        The width is one per layer, so a sequence batched with others may keep wider keys than it would alone.
+        """
+        measured = coded.sum(1) >= MIN_TRIAL_TOKENS
+        if not bool(measured.any()):
+            return
         r = self.rotary
         trial = KVTransform(self.kind, self.key_bits - 1, self.value_bits, float(r.attention_scaling),
                             int(r.rotary_dim), r.layout)
-        self.key_kl = trial_key_kl(query, pk, ppos, coded, transform=trial, hadamard=self.hadamard,
-                                   inv_freq=self.inv_freq, norm_mean=self.norm_mean[0], norm_scale=self.norm_scale[0],
-                                   query_time=qtime, key_time=key_time, key_valid=key_valid,
-                                   window=self.preset.observation_window, scaling=scaling)
+        kl = trial_key_kl(query, pk, ppos, coded, transform=trial, hadamard=self.hadamard, inv_freq=self.inv_freq,
+                          norm_mean=self.norm_mean[0], norm_scale=self.norm_scale[0], query_time=qtime,
+                          key_time=key_time, key_valid=key_valid, window=self.preset.observation_window,
+                          scaling=scaling)
+        self.key_kl = float(kl[measured].max())
         if self.key_kl < self.preset.relax_key_kl:
             self.key_bits -= 1
-            self._allocate_codes(0)  # nothing is coded before the first chunk ends
+            self._allocate_codes(0)  # nothing is coded or warm before the first chunk ends
+            self._allocate_warm()
 
     def _take(self, select: torch.Tensor, pk, pv, ppos, prefix: str) -> None:
         """Copy the selected tokens (``select`` ``[B, L]``, in order) into the sink or window buffers."""

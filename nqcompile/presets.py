@@ -98,7 +98,8 @@ class Preset:
         relax_key_kl: attention-aware key bits (:mod:`nqcompile.policy.key_bits`): at the first prefill chunk
             each layer stored at the preset's bits tries its keys at ``key_bits - 1`` and keeps that width if the
             last ``observation_window`` queries' attention moves by less than this KL divergence (nats, mean
-            over queries, query heads and sequences). 0 disables; needs queries (not ``compress_kv_cache``).
+            over queries and query heads) in every sequence that codes at least 64 tokens (none: no change).
+            0 disables; needs queries (not ``compress_kv_cache``).
         layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer; ``"pyramid"`` keeps more in
             lower layers and fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``

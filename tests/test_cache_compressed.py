@@ -245,3 +245,93 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
     assert report.allocated_bytes == expected
     assert report.layer_key_bits == tuple(layer.key_bits for layer in cache.layers)
     assert "3 bits: 2" in str(report)
+
+
+def test_a_short_turn_keeps_the_warm_tier_full():
+    """A 5-token turn adds 5 tokens to the tier and pushes its 5 oldest into codes; the tier keeps the newest 32."""
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "quant_only", **WARM)
+    gen = torch.Generator().manual_seed(19)
+    cache = nqcompile.NexusCache(model.config, "quant_only", **WARM)
+    with torch.no_grad():
+        model(torch.randint(1, 256, (1, 100), generator=gen), past_key_values=cache)
+        layer = cache.layers[0]
+        tier_before = layer.warm_pos[0, 0].clone()
+        model(torch.randint(1, 256, (1, 5), generator=gen), past_key_values=cache)
+    assert (layer._host_code_len, layer._host_warm_len, layer._host_win_len) == ([53], [32], [16])
+    # Time order: codes 4..56, the tier 57..88, the window 89..104.
+    assert torch.equal(layer.warm_pos[0, 0].long(), torch.cat([tier_before[5:].long(), torch.arange(84, 89)]))
+    assert torch.equal(layer.warm_pos[0, 0].long(), torch.arange(57, 89))
+
+
+def test_reset_then_reuse_gives_what_a_fresh_cache_gives():
+    model = tiny_model("llama")
+    opts = dict(SMALL, warm_tokens=32, relax_key_kl=1e9)  # every layer relaxed: reset must restore the widths
+    nqcompile.optimize(model, "quant_only", **opts)
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(23))
+    used = nqcompile.NexusCache(model.config, "quant_only", **opts)
+    with torch.no_grad():
+        prefill_and_decode(model, ids, used, 5)
+        used.reset()
+        assert all(layer.key_bits == 4 and layer.key_kl is None for layer in used.layers)
+        again = prefill_and_decode(model, ids, used, 5)
+        fresh = prefill_and_decode(model, ids, nqcompile.NexusCache(model.config, "quant_only", **opts), 5)
+    torch.testing.assert_close(again, fresh, atol=0, rtol=0)
+
+
+def test_relax_key_kl_needs_64_coded_tokens_and_takes_the_widest_need_of_a_batch():
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "quant_only", **SMALL)
+    gen = torch.Generator().manual_seed(29)
+    short, long_a, long_b = (torch.randint(1, 256, (1, n), generator=gen) for n in (60, 150, 150))
+
+    def layer_kls(ids, threshold=1e9, mask=None):
+        cache = nqcompile.NexusCache(model.config, "quant_only", **dict(SMALL, relax_key_kl=threshold))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+        return cache, [layer.key_kl for layer in cache.layers]
+
+    cache, kls = layer_kls(short)  # 60 - 4 sinks - 16 window = 40 coded tokens: no evidence, no change
+    assert kls == [None] * len(kls) and all(layer.key_bits == 4 for layer in cache.layers)
+    _, kl_a = layer_kls(long_a)
+    _, kl_b = layer_kls(long_b)
+    cache, kl_ab = layer_kls(torch.cat([long_a, long_b]), threshold=(kl_a[0] + kl_b[0]) / 2)
+    for got, a, b in zip(kl_ab, kl_a, kl_b):
+        assert abs(got - max(a, b)) < 1e-6
+    assert cache.layers[0].key_bits == 4  # one of the two sequences needs 4-bit keys in layer 0
+
+
+def test_reserve_past_int16_widens_stored_positions():
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "balanced", **WARM)
+    ids = torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(31))
+    cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=160, **WARM)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.code_pos.dtype == layer.warm_pos.dtype == torch.int16
+    before = layer.warm_pos.clone()
+    cache.reserve(40_000)  # a long next turn: positions past 32,767 must fit
+    assert layer.code_pos.dtype == layer.warm_pos.dtype == torch.int32
+    assert torch.equal(layer.warm_pos.long(), before.long())
+    expected = 64 * 64 * 4 + sum(
+        cache.preset.layer_bytes(batch=1, kv_heads=lay.heads, head_dim=lay.head_dim, capacity=lay.capacity, itemsize=4,
+                                 rotary_dim=lay.rotary.rotary_dim, position_bytes=4) for lay in cache.layers)
+    assert cache.memory_report().allocated_bytes == expected
+
+
+def test_a_layer_relaxed_below_warm_bits_gets_its_warm_tier():
+    """K4V4 needs no 4-bit tier; relaxed to K3V4 it does, and the bytes follow the layer's own bits."""
+    model = tiny_model("llama")
+    opts = dict(SMALL, value_bits=4, warm_tokens=32, relax_key_kl=1e9)
+    nqcompile.optimize(model, "quant_only", **opts)
+    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=160, **opts)
+    with torch.no_grad():
+        prefill_and_decode(model, torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(37)), cache, 9)
+    for layer in cache.layers:
+        assert (layer.key_bits, layer.warm_cap, layer._host_warm_len) == (3, 32, [32])
+    expected = 64 * 64 * 4 + sum(
+        cache.preset.layer_bytes(batch=1, kv_heads=lay.heads, head_dim=lay.head_dim, capacity=lay.capacity, itemsize=4,
+                                 rotary_dim=lay.rotary.rotary_dim, position_bytes=2, bits=(lay.key_bits, lay.value_bits))
+        for lay in cache.layers)
+    assert cache.memory_report().allocated_bytes == expected

@@ -91,7 +91,7 @@ def test_key_diff_scorer_matches_cosine_to_mean_of_valid_keys(batch, heads, leng
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 3), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 12), st.integers(1, 6), st.data())
 def test_attention_kl_equals_brute_force(batch, heads, q_len, window, data):
-    """Mean KL over the last `window` real queries, every query head and sequence, with padding and causality."""
+    """Per sequence, the mean KL over its last `window` real queries and every query head (padding, causality)."""
     n_q, n_kv = heads
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
     past = data.draw(st.integers(0, 4))
@@ -105,8 +105,9 @@ def test_attention_kl_equals_brute_force(batch, heads, q_len, window, data):
     key_valid = (torch.arange(k_len)[None] < past) | (torch.arange(k_len)[None] >= past + pad[:, None])
     got = attention_kl(query, key, key_hat, query_time=query_time, key_time=key_time, key_valid=key_valid,
                        window=window, scaling=0.5)
-    terms = []
+    assert got.shape == (batch,)
     for b in range(batch):
+        terms = []
         real = [i for i in range(q_len) if query_time[b, i] >= 0][-window:]
         for i in real:
             visible = key_valid[b] & (key_time[b] <= query_time[b, i])
@@ -115,4 +116,4 @@ def test_attention_kl_equals_brute_force(batch, heads, q_len, window, data):
                 p = torch.softmax(0.5 * key[b, kv, visible] @ query[b, h, i], 0)
                 p_hat = torch.softmax(0.5 * key_hat[b, kv, visible] @ query[b, h, i], 0)
                 terms.append(float((p * (p / p_hat).log()).sum()))
-    assert abs(got - sum(terms) / len(terms)) < 1e-9
+        assert abs(float(got[b]) - sum(terms) / len(terms)) < 1e-9

@@ -18,11 +18,14 @@ import torch
 from ..codec.kv import KVTransform, decode_keys, encode_keys
 from .observation import observation_logits
 
-__all__ = ["attention_kl", "trial_key_kl"]
+__all__ = ["MIN_TRIAL_TOKENS", "attention_kl", "trial_key_kl"]
+
+#: Fewest coded tokens in a sequence for its trial to count (a short prompt says nothing about the layer).
+MIN_TRIAL_TOKENS = 64
 
 
 def attention_kl(query: torch.Tensor, key: torch.Tensor, key_hat: torch.Tensor, *, query_time: torch.Tensor,
-                 key_time: torch.Tensor, key_valid: torch.Tensor, window: int, scaling: float) -> float:
+                 key_time: torch.Tensor, key_valid: torch.Tensor, window: int, scaling: float) -> torch.Tensor:
     """Mean KL divergence ``KL(p || p_hat)`` in nats between the attention of the last ``window`` real queries of
     each sequence over ``key`` (``p``) and over ``key_hat`` (``p_hat``).
 
@@ -33,7 +36,8 @@ def attention_kl(query: torch.Tensor, key: torch.Tensor, key_hat: torch.Tensor, 
         window: observation queries per sequence.
 
     Returns:
-        The mean over real observation queries, query heads and sequences (0.0 when there are none).
+        ``[B]`` float (float32, float64 for float64 inputs): per sequence, the mean over its real observation
+        queries and all query heads (0 for a sequence without real queries).
     """
     kw = dict(query_time=query_time, key_time=key_time, key_valid=key_valid, window=window, scaling=scaling)
     logits, real = observation_logits(query, key, **kw)
@@ -41,15 +45,15 @@ def attention_kl(query: torch.Tensor, key: torch.Tensor, key_hat: torch.Tensor, 
     log_p, log_q = logits.log_softmax(-1), logits_hat.log_softmax(-1)
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # [B, Hkv, G, w]
-    n = real.sum() * kl.shape[1] * kl.shape[2]
-    return float((kl * real[:, None, None, :]).sum() / n) if int(n) else 0.0
+    n = real.sum(-1) * kl.shape[1] * kl.shape[2]
+    return (kl * real[:, None, None, :]).sum(dim=(1, 2, 3)) / n.clamp(min=1)
 
 
 def trial_key_kl(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, coded: torch.Tensor, *,
                  transform: KVTransform, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
                  norm_scale: torch.Tensor, query_time: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
-                 window: int, scaling: float) -> float:
-    """:func:`attention_kl` of coding the ``coded`` keys with ``transform`` (the others stay exact).
+                 window: int, scaling: float) -> torch.Tensor:
+    """:func:`attention_kl` (``[B]``) of coding the ``coded`` keys with ``transform`` (the others stay exact).
 
     Args:
         query: ``[B, Hq, Lq, D]``. key: ``[B, Hkv, Lk, D]`` post-RoPE keys. positions: ``[B, Lk]`` int64 RoPE positions.
