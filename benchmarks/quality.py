@@ -134,7 +134,8 @@ def _memory_dict(report) -> dict | None:
     """A memory report as a plain dict (its dataclass fields plus the ratio), or None."""
     if report is None:
         return None
-    keys = ("logical_tokens", "physical_tokens", "allocated_bytes", "unused_capacity_bytes", "bf16_bytes", "compression_ratio")
+    keys = ("logical_tokens", "physical_tokens", "allocated_bytes", "unused_capacity_bytes", "bf16_bytes",
+            "compression_ratio", "layer_key_bits")
     return {k: getattr(report, k) for k in keys if hasattr(report, k)}
 
 
