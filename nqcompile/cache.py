@@ -118,8 +118,15 @@ class NexusCache(Cache):
             layers.append(NexusLayer(preset=self.preset, bits=boundary_bits if i in boundary else quant_bits,
                                      eviction_ratio=ratios.get(i, 0.0),
                                      rotary=RotarySpec.from_config(text, layer_idx=i), max_cache_len=max_cache_len))
-        self.max_cache_len = max_cache_len
         super().__init__(layers=layers)
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """Logical capacity per sequence in tokens (raised by :meth:`reserve`), or ``None`` when unbounded.
+
+        A read-only property, as transformers' ``Cache.max_cache_len`` is in 5.17 (the layers hold the value).
+        """
+        return next((layer.max_cache_len for layer in self.layers if isinstance(layer, NexusLayer)), None)
 
     @contextlib.contextmanager
     def replay_as_decode(self):
@@ -143,7 +150,6 @@ class NexusCache(Cache):
         for layer in self.layers:
             if isinstance(layer, NexusLayer) and layer.max_cache_len is not None:
                 layer.max_cache_len = max(layer.max_cache_len, layer.logical_len + new_tokens)
-                self.max_cache_len = layer.max_cache_len
                 if layer.is_initialized:
                     layer.widen_positions()
 
