@@ -289,14 +289,15 @@ class NexusLayer(CacheLayerMixin):
                 "max_cache_len (prompt length + max_new_tokens)"
             )
 
-    def _codec_args(self) -> tuple:
+    def _codec_args(self, bits: tuple[int, int] | None = None) -> tuple:
+        """Codec parameters of the ops for the layer's ``(key_bits, value_bits)``, or for ``bits``."""
         r = self.rotary
-        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, self.key_bits,
-                self.value_bits, float(r.attention_scaling), int(r.rotary_dim), r.layout)
+        key_bits, value_bits = bits if bits is not None else (self.key_bits, self.value_bits)
+        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, key_bits, value_bits,
+                float(r.attention_scaling), int(r.rotary_dim), r.layout)
 
     def _warm_args(self) -> tuple:
-        args = self._codec_args()
-        return args[:5] + (self.preset.warm_bits, self.preset.warm_bits) + args[7:]
+        return self._codec_args((self.preset.warm_bits, self.preset.warm_bits))
 
     def _warm_tensors(self) -> tuple[torch.Tensor, ...]:
         return self.warm_k_codes, self.warm_k_scales, self.warm_v_codes, self.warm_v_scales
@@ -435,9 +436,7 @@ class NexusLayer(CacheLayerMixin):
             for e, x in zip(ext + [ext_pos], list(tier) + [self.warm_pos]):
                 e[:, :, :held] = x[:, :, :held].to(e.dtype)
             ops.write_kv(*ext, key, value, positions, self.warm_len, count, *self._warm_args())
-            j = torch.arange(key.shape[2], device=self.device)
-            b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
-            ext_pos[b_idx, :, self.warm_len[b_idx] + j_idx] = positions[b_idx, :, j_idx]
+            _scatter_tokens(ext_pos, positions, self.warm_len, count)
         else:
             ext, ext_pos = list(tier), self.warm_pos.to(torch.int64)
         dropped = torch.tensor([m[-1] for m in to_codes], device=self.device)
@@ -463,9 +462,7 @@ class NexusLayer(CacheLayerMixin):
             starts = (self.code_len == 0) & (count > 0)
             self.code_pos0 = torch.where(starts, positions[:, 0, 0].to(torch.int64), self.code_pos0)
         else:
-            j = torch.arange(key.shape[2], device=self.device)
-            b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
-            self.code_pos[b_idx, :, self.code_len[b_idx] + j_idx] = positions[b_idx, :, j_idx].to(self.code_pos.dtype)
+            _scatter_tokens(self.code_pos, positions, self.code_len, count)
         self.code_len += count
         self._host_code_len = [c + n for c, n in zip(self._host_code_len, count.tolist())]
 
@@ -631,6 +628,14 @@ class NexusLayer(CacheLayerMixin):
 
     def physical_tokens(self) -> int:
         return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_warm_len) + sum(self._host_win_len)
+
+
+def _scatter_tokens(buf: torch.Tensor, values: torch.Tensor, dest: torch.Tensor, count: torch.Tensor) -> None:
+    """``buf[b, :, dest[b] + j] = values[b, :, j]`` for ``j < count[b]`` (``buf`` ``[B, H, C, ...]``, ``values``
+    ``[B, H, n, ...]``, ``dest`` and ``count`` ``[B]`` int64), cast to ``buf``'s dtype."""
+    j = torch.arange(values.shape[2], device=values.device)
+    b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
+    buf[b_idx, :, dest[b_idx] + j_idx] = values[b_idx, :, j_idx].to(buf.dtype)
 
 
 def _first(lengths: torch.Tensor, width: int) -> torch.Tensor:
