@@ -65,8 +65,26 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 
     generate.__nqcompile_original__ = original
     model.generate = generate
+    previous = getattr(model, "_nqcompile_reconstruct_hook", None)
+    if previous is not None:
+        previous.remove()
+    model._nqcompile_reconstruct_hook = model.register_forward_hook(_reconstruct_after_prefill, with_kwargs=True)
     model.nqcompile_preset = chosen
     return model
+
+
+def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook: after a forward that left a prefill chunk deferred (``scorer="reconstruction"``), run
+    :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, NexusCache) or not cache.awaiting_reconstruction \
+            or any(getattr(layer, "rereading", False) for layer in cache.layers):
+        return
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not inputs_embeds "
+                         "(or use another scorer)")
+    cache.reconstruct(model, input_ids, kwargs.get("attention_mask"))
 
 
 def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", *, config,
@@ -93,9 +111,10 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
             holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
-    if chosen.eviction_ratio > 0 and chosen.scorer == "observation":
-        raise ValueError("compress_kv_cache has no queries to score tokens with; pass scorer='key_diff' or "
-                         "'key_norm' or eviction_ratio=0, or let an optimized model compress during its prefill")
+    if chosen.eviction_ratio > 0 and chosen.scorer in ("observation", "reconstruction"):
+        raise ValueError(f"compress_kv_cache has no queries (nor a model) to score tokens with scorer="
+                         f"{chosen.scorer!r}; pass scorer='key_diff' or 'key_norm' or eviction_ratio=0, or let an "
+                         "optimized model compress during its prefill")
     if chosen.relax_key_kl:
         raise ValueError(f"compress_kv_cache has no queries to measure relax_key_kl={chosen.relax_key_kl} with; pass "
                          "relax_key_kl=0 (every layer keeps key_bits), or let an optimized model compress during its "

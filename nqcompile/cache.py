@@ -16,7 +16,9 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from .codec.rotary_spec import RotarySpec
 from .layer import NexusLayer
+from .models import cache_kwarg_name
 from .policy import layer_eviction_ratios
+from .policy.reconstruction import REREAD_TOKENS, allocate_across_layers
 from .presets import Preset, get_preset
 
 __all__ = ["NexusCache", "CacheMemoryReport"]
@@ -144,6 +146,69 @@ class NexusCache(Cache):
         finally:
             for layer in layers:
                 layer.replay_as_decode = False
+
+    @property
+    def awaiting_reconstruction(self) -> bool:
+        """True between a prefill chunk that ``scorer="reconstruction"`` defers and :meth:`reconstruct`."""
+        return any(isinstance(layer, NexusLayer) and layer._deferred is not None for layer in self.layers)
+
+    @torch.no_grad()
+    def reconstruct(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Re-read the prefill chunk just fed and compress it by reconstruction scores (KVzip).
+
+        The model reads ``input_ids`` again, right after the chunk, in pieces of
+        :data:`~nqcompile.policy.reconstruction.REREAD_TOKENS` tokens; the layers attend over what they
+        hold but store nothing, and note for each token of the chunk the most attention it receives. Then
+        the kept-token budget of all layers together is shared among them
+        (:func:`~nqcompile.policy.reconstruction.allocate_across_layers`) and every deferred layer
+        compresses its chunk. A model prepared by :func:`nqcompile.optimize` calls this itself after each
+        forward that leaves a chunk deferred.
+
+        Args:
+            model: the causal LM that filled the cache (``nexusquant`` attention).
+            input_ids: ``[B, L]`` int64, the chunk's token ids (left-padded as fed).
+            attention_mask: the 2D mask passed with the chunk, ``[B, past + L]`` (1 = real token), or None.
+
+        Raises:
+            RuntimeError: no chunk is deferred.
+            ValueError: ``input_ids`` does not match the deferred chunk.
+        """
+        deferred = self._reread(model, input_ids, attention_mask)
+        candidates = [layer.reconstruction_candidates() for layer in deferred]
+        counts = allocate_across_layers([c[0] for c in candidates], sum(c[1] for c in candidates))
+        for layer, count in zip(deferred, counts):
+            layer.finish_deferred(count)
+
+    def _reread(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[NexusLayer]:
+        """The re-reading of :meth:`reconstruct`; returns the layers whose chunk it scored."""
+        deferred = [layer for layer in self.layers if isinstance(layer, NexusLayer) and layer._deferred is not None]
+        if not deferred:
+            raise RuntimeError("no prefill chunk awaits reconstruction in this NexusCache")
+        chunk = deferred[0]._deferred[1].shape[2]
+        if input_ids.dim() != 2 or input_ids.shape[1] != chunk:
+            raise ValueError(f"the deferred chunk has {chunk} tokens, got input_ids of shape {tuple(input_ids.shape)}")
+        device = deferred[0].device
+        mask = torch.ones(input_ids.shape[0], deferred[0].logical_len, dtype=torch.long, device=device) \
+            if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+        real = mask[:, -chunk:].bool()
+        seen = mask.sum(1, keepdim=True)  # positions are cumsum(mask) - 1: the re-reading continues from here
+        nexus = [layer for layer in self.layers if isinstance(layer, NexusLayer)]
+        others = {i: dict(vars(layer)) for i, layer in enumerate(self.layers) if not isinstance(layer, NexusLayer)}
+        for layer in nexus:
+            layer.rereading = True
+        try:
+            for start in range(0, chunk, REREAD_TOKENS):
+                piece_real = real[:, start:start + REREAD_TOKENS]
+                positions = torch.where(piece_real, seen + piece_real.long().cumsum(1) - 1, 1)
+                model(input_ids=input_ids[:, start:start + REREAD_TOKENS].to(device), position_ids=positions,
+                      attention_mask=torch.cat([mask, piece_real.long()], 1), use_cache=True, logits_to_keep=1,
+                      **{cache_kwarg_name(model): self})
+        finally:
+            for layer in nexus:
+                layer.rereading = False
+            for i, saved in others.items():  # transformers' own layers (sliding window) stored the pieces
+                self.layers[i].__dict__.update(saved)
+        return deferred
 
     def reserve(self, new_tokens: int) -> None:
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -51,6 +52,7 @@ from .codec.rope import apply_rotary
 from .codec.rotary_spec import RotarySpec
 from .policy import make_scorer, select_kept
 from .policy.key_bits import MIN_TRIAL_TOKENS, trial_key_kl
+from .policy.reconstruction import reconstruction_scores
 from .presets import BLOCK_TOKENS, Preset
 
 __all__ = ["NexusLayer", "claim_layer"]
@@ -109,13 +111,21 @@ class NexusLayer(CacheLayerMixin):
         self.eviction_ratio = eviction_ratio
         self.rotary = rotary
         self.max_cache_len = max_cache_len
-        self.scorer = make_scorer(preset.scorer, observation_window=preset.observation_window)
+        #: None for "reconstruction", whose scores come from NexusCache.reconstruct().
+        self.scorer = None if preset.scorer == "reconstruction" else make_scorer(
+            preset.scorer, observation_window=preset.observation_window)
         self.logical_len = 0
         self.chunks = 0
         self._host_code_len: list[int] = []
         self._host_win_len: list[int] = []
         self._host_warm_len: list[int] = []
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: A prefill chunk held exactly until its reconstruction pass (scorer="reconstruction"), and the
+        #: scores that pass gives its candidates.
+        self._deferred: tuple | None = None
+        self._recon_scores: torch.Tensor | None = None
+        #: Set by NexusCache.reconstruct() while the model re-reads a deferred chunk.
+        self.rereading = False
         #: Treat a multi-token input as that many decode steps (see NexusCache.replay_as_decode).
         self.replay_as_decode = False
 
@@ -178,6 +188,7 @@ class NexusLayer(CacheLayerMixin):
         return self.logical_len + query_length, 0
 
     def reset(self) -> None:
+        self._deferred = self._recon_scores = None
         if self.is_initialized:
             self.lazy_initialization(self.sink_k, self.sink_v)
         self.logical_len = self.chunks = 0
@@ -206,8 +217,9 @@ class NexusLayer(CacheLayerMixin):
         """
         if self.chunks:
             raise ValueError("ingest() only fills an empty layer")
-        if self.evicting and self.preset.scorer == "observation":
-            raise ValueError("ingest() has no queries: use scorer='key_diff' or 'key_norm', or no eviction")
+        if self.evicting and self.preset.scorer in ("observation", "reconstruction"):
+            raise ValueError("ingest() has no queries (nor a model to re-read with): use scorer='key_diff' or "
+                             "'key_norm', or no eviction")
         if self.relaxable:
             raise ValueError("ingest() has no queries to measure relax_key_kl with: pass relax_key_kl=0 "
                              "(every layer then keeps key_bits)")
@@ -326,6 +338,12 @@ class NexusLayer(CacheLayerMixin):
             raise RuntimeError("NexusLayer.attend called without a preceding update()")
         key, value = self._pending
         self._pending = None
+        if self.rereading:
+            return self._reread(query, key, value, real, scaling)
+        if self._deferred is not None:
+            raise RuntimeError("a prefill chunk of this NexusCache awaits its reconstruction pass (scorer="
+                               "'reconstruction'): call cache.reconstruct(model, input_ids) after the prefill, or "
+                               "prepare the model with nqcompile.optimize(), which does it")
         q_len = key.shape[2]
         self._check_logical(q_len)
         self.rotary.check_length(self.logical_len + q_len)
@@ -477,14 +495,69 @@ class NexusLayer(CacheLayerMixin):
                                     self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len,
                                     torch.cat([ek, key], 2), torch.cat([ev, value], 2), mask, *self._codec_args(),
                                     scaling)
+        if self.evicting and self.preset.scorer == "reconstruction" \
+                and int(real.sum(1).max()) >= self.preset.min_evict_tokens:
+            # Held exactly until NexusCache.reconstruct() has re-read the chunk; the relax trial needs only
+            # the last observation_window queries.
+            tail = query[:, :, -self.preset.observation_window:] if self.relaxable else None
+            self._deferred = (tail, key, value, real, positions, scaling)
+            self._recon_scores = None
+            return out
         self._compress(query, key, value, real, positions, scaling)
         self.chunks += 1
         return out
 
-    def _compress(self, query, key, value, real, positions, scaling) -> None:
-        """Split window + chunk into sinks (first chunk), kept-and-quantized middle and the new window."""
+    def _reread(self, query, key, value, real, scaling) -> torch.Tensor:
+        """Attention of a piece of the re-reading (``[B, H, r, D]`` keys/values of the deferred chunk's tokens
+        read again) over everything the layer holds, its deferred chunk and the piece itself; nothing is
+        stored. With a deferred chunk, keeps per candidate (window, then chunk: :meth:`_split`'s order) the
+        largest attention any real query of the piece pays it
+        (:func:`~nqcompile.policy.reconstruction.reconstruction_scores`)."""
+        r = key.shape[2]
+        ek, ev, valid = self._exact_segment()
+        own = torch.ones(r, r, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]
+        own = own | torch.eye(r, dtype=torch.bool, device=self.device)[None]
+        ks, vs, seen = [ek], [ev], [valid[:, None, :].expand(-1, r, -1)]
+        if self._deferred is not None:
+            _, dk, dv, dreal, _, _ = self._deferred
+            ks, vs, seen = ks + [dk], vs + [dv], seen + [dreal[:, None, :].expand(-1, r, -1)]
+        keys, values, mask = torch.cat(ks + [key], 2), torch.cat(vs + [value], 2), torch.cat(seen + [own], -1)
+        n = max(self._host_code_len)
+        out = ops.dequant_attention(query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
+                                    self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len, keys,
+                                    values, mask, *self._codec_args(), scaling)
+        if self._deferred is not None:
+            target = slice(ek.shape[2] - self.win_k.shape[2], keys.shape[2] - r)
+            scores = reconstruction_scores(query, keys, mask & real[:, :, None], scaling=scaling, target=target)
+            self._recon_scores = scores if self._recon_scores is None else torch.maximum(self._recon_scores, scores)
+        return out
+
+    def reconstruction_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction scores of the deferred chunk's eviction candidates, ``[B, H, R + L]`` float (``-inf``
+        for sinks, window and padding), and their nominal keep budget ``[B]`` int64.
+
+        Raises:
+            RuntimeError: no chunk is deferred, or it has not been re-read yet.
+        """
+        if self._deferred is None or self._recon_scores is None:
+            raise RuntimeError("no deferred chunk with reconstruction scores in this layer")
+        _, key, value, real, positions, _ = self._deferred
+        sp = self._split(key, value, real, positions)
+        return self._recon_scores.masked_fill(~sp.middle[:, None], float("-inf")), sp.budget
+
+    def finish_deferred(self, budget: torch.Tensor) -> None:
+        """Compress the deferred chunk keeping ``budget[b]`` (``[B]`` int64) tokens per head of sequence ``b``,
+        ranked by their reconstruction scores."""
+        scores = self.reconstruction_candidates()[0]
+        tail, key, value, real, positions, scaling = self._deferred
+        self._deferred = self._recon_scores = None
+        self._compress(tail, key, value, real, positions, scaling, scores=scores, budget=budget)
+        self.chunks += 1
+
+    def _split(self, key, value, real, positions) -> "_Split":
+        """The window plus a chunk, split into the first chunk's sinks, the new window and the middle, with the
+        middle's nominal keep budget per sequence (``eviction_ratio``; all of it in a short chunk)."""
         s_cap, r_cap = self.sink_k.shape[2], self.win_k.shape[2]
-        q_len = key.shape[2]
         pk, pv = torch.cat([self.win_k, key], 2), torch.cat([self.win_v, value], 2)
         ppos = torch.cat([self.win_pos, positions.to(torch.int64)], 1)
         preal = torch.cat([_first(self.win_len, r_cap), real], 1)
@@ -495,21 +568,39 @@ class NexusLayer(CacheLayerMixin):
         is_sink = preal & (rank < n_sink[:, None])
         is_win = preal & (rank >= (n_real - n_win)[:, None])
         middle = preal & ~is_sink & ~is_win
-        time = torch.arange(r_cap + q_len, device=self.device)
-        key_time = time[None].expand_as(preal)
-        qtime = torch.where(real, time[r_cap:][None], torch.full_like(real, -1, dtype=torch.int64))
-        if self.chunks == 0:
-            self._set_norm(pk, pv, ppos, preal & ~is_sink)
-            if self.relaxable:
-                self._relax_key_bits(query, pk, ppos, middle, qtime, key_time, preal, scaling)
-            self._take(is_sink, pk, pv, None, "sink")
-            self.sink_len = n_sink
         budget = (n_real.double() * (1.0 - self.eviction_ratio)).round().long() - n_sink - n_win
         budget = torch.where(real.sum(1) < self.preset.min_evict_tokens, middle.sum(1), budget)  # short chunk: keep all
+        return _Split(pk, pv, ppos, preal, is_sink, is_win, middle, n_sink, n_win, budget.clamp(min=0))
+
+    def _compress(self, query, key, value, real, positions, scaling, *, scores=None, budget=None) -> None:
+        """Split window + chunk into sinks (first chunk), kept-and-quantized middle and the new window.
+
+        ``query`` holds the chunk's last ``query.shape[2]`` queries (or None); ``scores`` ``[B, H, R + L]`` and
+        ``budget`` ``[B]`` replace the scorer's and the nominal budget (reconstruction scoring).
+        """
+        sp = self._split(key, value, real, positions)
+        pk, pv, ppos, preal, middle = sp.pk, sp.pv, sp.ppos, sp.preal, sp.middle
+        width = pk.shape[2]
+        time = torch.arange(width, device=self.device)
+        key_time = time[None].expand_as(preal)
+        qtime = None
+        if query is not None:
+            q_real = real[:, real.shape[1] - query.shape[2]:]
+            qtime = torch.where(q_real, time[width - query.shape[2]:][None], torch.full_like(q_real, -1, dtype=torch.int64))
+        if self.chunks == 0:
+            self._set_norm(pk, pv, ppos, preal & ~sp.is_sink)
+            if self.relaxable:
+                self._relax_key_bits(query, pk, ppos, middle, qtime, key_time, preal, scaling)
+            self._take(sp.is_sink, pk, pv, None, "sink")
+            self.sink_len = sp.n_sink
         if self.evicting:
-            scores = self.scorer.score(query=query, key=pk, query_time=qtime, key_time=key_time, key_valid=preal,
-                                       scaling=scaling)
-            index, count = select_kept(scores, middle, budget.clamp(min=0), pooling_kernel=self.preset.pooling_kernel)
+            if scores is None and self.scorer is None:  # reconstruction, chunk too short to evict: keeps all
+                scores = torch.zeros(pk.shape[:3], device=self.device)
+            elif scores is None:
+                scores = self.scorer.score(query=query, key=pk, query_time=qtime, key_time=key_time, key_valid=preal,
+                                           scaling=scaling)
+            index, count = select_kept(scores, middle, sp.budget if budget is None else budget,
+                                       pooling_kernel=self.preset.pooling_kernel)
         else:
             count = middle.sum(1)
             index = _ordered_index(middle, int(count.max()))[:, None].expand(-1, self.heads, -1)
@@ -534,9 +625,9 @@ class NexusLayer(CacheLayerMixin):
                 self._write(wk, wv, tier_pos[:, :, :n], from_warm)
         m = int(direct.max())
         self._write(kept_k[:, :, :m], kept_v[:, :, :m], kept_pos[:, :, :m], direct)
-        self._take(is_win, pk, pv, ppos, "win")
-        self.win_len = n_win
-        self._host_win_len = n_win.tolist()
+        self._take(sp.is_win, pk, pv, ppos, "win")
+        self.win_len = sp.n_win
+        self._host_win_len = sp.n_win.tolist()
 
     def _relax_key_bits(self, query, pk, ppos, coded, qtime, key_time, key_valid, scaling) -> None:
         """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
@@ -628,6 +719,22 @@ class NexusLayer(CacheLayerMixin):
 
     def physical_tokens(self) -> int:
         return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_warm_len) + sum(self._host_win_len)
+
+
+class _Split(NamedTuple):
+    """The exact window followed by a chunk (``[B, H, R + L, D]`` keys/values, ``[B, R + L]`` positions and
+    masks), split three ways, with the nominal keep budget of the middle (``[B]`` int64 counts)."""
+
+    pk: torch.Tensor
+    pv: torch.Tensor
+    ppos: torch.Tensor
+    preal: torch.Tensor
+    is_sink: torch.Tensor
+    is_win: torch.Tensor
+    middle: torch.Tensor
+    n_sink: torch.Tensor
+    n_win: torch.Tensor
+    budget: torch.Tensor
 
 
 def _scatter_tokens(buf: torch.Tensor, values: torch.Tensor, dest: torch.Tensor, count: torch.Tensor) -> None:

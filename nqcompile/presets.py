@@ -49,7 +49,7 @@ __all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_B
 #: ``lloyd_max`` and ``uniform``: the scalar baselines, kept for ablations.
 CODEC_KINDS = ("e8", "lloyd_max", "uniform")
 #: Token scorers for eviction (see :mod:`nqcompile.policy`).
-SCORERS = ("observation", "key_norm", "key_diff")
+SCORERS = ("observation", "key_norm", "key_diff", "reconstruction")
 #: How the eviction budget is spread over layers.
 LAYER_BUDGETS = ("uniform", "pyramid")
 #: Tokens per storage block: the unit of flushes from the exact window into codes and of capacity.
@@ -81,7 +81,11 @@ class Preset:
             queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
             ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430);
             ``"key_diff"`` keeps the keys least similar to the chunk's mean key (Park et al. 2025,
-            arXiv:2504.15364), needing no queries.
+            arXiv:2504.15364), needing no queries; ``"reconstruction"`` (KVzip, Kim et al. 2025,
+            arXiv:2505.23416) ranks each token by the most attention it gets while the model re-reads the
+            chunk, one more forward pass that :func:`nqcompile.optimize` runs after each prefill chunk, and
+            shares the layers' total budget among them by those scores (:mod:`nqcompile.policy.reconstruction`);
+            query-agnostic, so it keeps what a later question will ask for.
         observation_window: number of last queries of a chunk whose attention scores tokens.
         min_evict_tokens: a prefill chunk with fewer new tokens than this is quantized but not evicted: a
             short follow-up (a question, a chat turn) saves little memory, and evicting from it (and from
@@ -100,8 +104,9 @@ class Preset:
             last ``observation_window`` queries' attention moves by less than this KL divergence (nats, mean
             over queries and query heads) in every sequence that codes at least 64 tokens (none: no change).
             0 disables; needs queries (not ``compress_kv_cache``).
-        layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer; ``"pyramid"`` keeps more in
-            lower layers and fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
+        layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer (with ``"reconstruction"``: in all
+            layers together); ``"pyramid"`` keeps more in lower layers and fewer in upper ones with the same
+            mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
             (``None``: exact) and never evicted.
         boundary_bits: bits for the boundary layers' keys and values, or ``None`` for exact storage.
@@ -150,6 +155,9 @@ class Preset:
         _choice("value_norm", self.value_norm, VALUE_NORMS)  # values have no RoPE pairs
         _choice("scorer", self.scorer, SCORERS)
         _choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
+        if self.scorer == "reconstruction" and self.layer_budget != "uniform":
+            raise ValueError(f"scorer='reconstruction' shares one budget among the layers by their scores; "
+                             f"layer_budget={self.layer_budget!r} cannot apply, use 'uniform'")
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
         if not 0.0 <= float(self.eviction_ratio) < 1.0:
             raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")

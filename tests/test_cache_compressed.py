@@ -13,9 +13,11 @@ from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0)
 WARM = dict(SMALL, warm_tokens=32)  # a warm tier of 32 tokens at 4 bits
+RECON = dict(SMALL, scorer="reconstruction", pooling_kernel=1)  # KVzip scores, one budget for all layers
 
 
-@pytest.mark.parametrize("preset,opts", [("balanced", SMALL), ("max", SMALL), ("balanced", WARM)])
+@pytest.mark.parametrize("preset,opts", [("balanced", SMALL), ("max", SMALL), ("balanced", WARM), ("balanced", RECON)],
+                         ids=["balanced", "max", "warm", "reconstruction"])
 def test_left_padded_batch_matches_each_prompt_alone(preset, opts):
     model = tiny_model("llama", dtype=torch.float64)
     nqcompile.optimize(model, preset, **opts)
@@ -36,17 +38,21 @@ def test_left_padded_batch_matches_each_prompt_alone(preset, opts):
             alone = prefill_and_decode(model, p[None], cache, steps)
             torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=0,
                                        msg=f"{preset}: row {row} (length {len(p)}) differs from its solo run")
-    # Eviction really happened, per sequence: the kept counts follow each prompt's own length.
-    layer = batch_cache.layers[0]
+    # Eviction really happened, per sequence: the kept counts follow each prompt's own length (with
+    # reconstruction scores, summed over the layers).
+    layers = batch_cache.layers if opts is RECON else batch_cache.layers[:1]
     ratio = nqcompile.PRESETS[preset].eviction_ratio
     for row, n in enumerate(lengths):
-        kept = max(0, round(n * (1 - ratio)) - SMALL["sink_tokens"] - SMALL["recent_window"])
-        flushed = 16 * ((SMALL["recent_window"] + steps) // 16)  # decode tokens flushed from the window
+        kept = max(0, round(n * (1 - ratio)) - SMALL["sink_tokens"] - SMALL["recent_window"]) * len(layers)
+        flushed = 16 * ((SMALL["recent_window"] + steps) // 16) * len(layers)  # decode tokens flushed from the window
         warm = min(opts.get("warm_tokens", 0), kept + flushed)  # the newest compressed tokens, at 4 bits
-        assert (layer._host_code_len[row], layer._host_warm_len[row]) == (kept + flushed - warm, warm)
+        held = [(layer._host_code_len[row], layer._host_warm_len[row]) for layer in layers]
+        assert tuple(map(sum, zip(*held))) == (kept + flushed - warm, warm)
+    if opts is RECON:
+        assert len({layer._host_code_len[1] for layer in layers}) > 1, "one budget shared unevenly among layers"
 
 
-@pytest.mark.parametrize("opts", [SMALL, WARM], ids=["no_warm", "warm"])
+@pytest.mark.parametrize("opts", [SMALL, WARM, RECON], ids=["no_warm", "warm", "reconstruction"])
 def test_second_turn_leaves_first_turn_codes_bit_identical(opts):
     model = tiny_model("qwen2")
     nqcompile.optimize(model, "balanced", **opts)
@@ -63,15 +69,18 @@ def test_second_turn_leaves_first_turn_codes_bit_identical(opts):
         sinks = [l.sink_k.clone() for l in layers]
         out = model(turn2, past_key_values=cache)
         assert torch.isfinite(out.logits).all()
+    added = [layer._host_code_len[0] - saved["k_codes"].shape[2] for layer, saved in zip(layers, before)]
+    # Reconstruction shares the turn's budget among layers: some may take none of its tokens.
+    assert (sum(added) > 0) if opts is RECON else min(added) > 0, f"the second turn added codes: {added}"
     for i, (layer, saved) in enumerate(zip(layers, before)):
-        assert layer._host_code_len[0] > saved["k_codes"].shape[2], "the second turn added codes"
         for name, old in saved.items():
             assert torch.equal(getattr(layer, name)[:, :, : old.shape[2]], old), f"layer {i}: {name} changed"
         assert torch.equal(layer.sink_k, sinks[i])
     assert cache.get_seq_length() == 120 + 18 + 40
 
 
-@pytest.mark.parametrize("preset,opts", [("quant_only", SMALL), ("balanced", SMALL), ("quant_only", WARM)])
+@pytest.mark.parametrize("preset,opts", [("quant_only", SMALL), ("balanced", SMALL), ("quant_only", WARM),
+                                         ("balanced", RECON)])
 def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset, opts):
     model = tiny_model("llama")
     nqcompile.optimize(model, preset, **opts)
@@ -87,7 +96,7 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset, opts)
         expected += p.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
                                   itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2)
         compressed = layer._host_code_len
-        assert min(compressed) > 50
+        assert min(compressed) > p.sink_tokens + p.recent_window  # more than any exact buffer could hold
         for name, t in layer.tensors().items():
             if t.is_floating_point():
                 if t.dim() == 4:  # [B, H, tokens, D] (sinks, window) or [2, B, H, D] (statistics)
@@ -335,3 +344,45 @@ def test_a_layer_relaxed_below_warm_bits_gets_its_warm_tier():
                                  rotary_dim=lay.rotary.rotary_dim, position_bytes=2, bits=(lay.key_bits, lay.value_bits))
         for lay in cache.layers)
     assert cache.memory_report().allocated_bytes == expected
+
+
+def test_reconstruction_scores_are_the_attention_of_a_rereading_through_a_dynamic_cache():
+    """The scores the layers keep equal the largest eager attention probability that the chunk, read a second
+    time right after itself, pays each of its tokens (float64, DynamicCache, output_attentions)."""
+    model = tiny_model("qwen2", dtype=torch.float64)
+    nqcompile.optimize(model, "balanced", **RECON)
+    model._nqcompile_reconstruct_hook.remove()  # re-read by hand, to read the scores before they are used
+    reference = tiny_model("qwen2", dtype=torch.float64)
+    reference.set_attn_implementation("eager")
+    ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(17))
+    cache = nqcompile.NexusCache(model.config, "balanced", **RECON)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        assert cache.awaiting_reconstruction
+        layers = cache._reread(model, ids, None)
+        dyn = DynamicCache()
+        reference(ids, past_key_values=dyn)
+        again = reference(ids, past_key_values=dyn, position_ids=torch.arange(90, 180)[None].expand(2, -1),
+                          output_attentions=True)
+    r_cap = RECON["recent_window"]
+    for layer, attn in zip(layers, again.attentions):  # attn [B, Hq, 90, 180]
+        want = attn[..., :90].unflatten(1, (layer.heads, -1)).amax(dim=(2, 3))
+        # transformers' eager attention takes its softmax in float32 even for float64 models
+        torch.testing.assert_close(layer._recon_scores[..., r_cap:], want, rtol=0, atol=1e-6)
+
+
+def test_a_deferred_chunk_must_be_reconstructed_before_decoding():
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "balanced", **RECON)
+    model._nqcompile_reconstruct_hook.remove()
+    cache = nqcompile.NexusCache(model.config, "balanced", **RECON)
+    ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        with pytest.raises(RuntimeError, match="awaits its reconstruction pass"):
+            model(ids[:, :1], past_key_values=cache)
+        with pytest.raises(ValueError, match="80 tokens"):
+            cache.reconstruct(model, ids[:, :40])
+        cache.reconstruct(model, ids)
+        assert not cache.awaiting_reconstruction
+        model(ids[:, :1], past_key_values=cache)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 from nqcompile.policy.key_bits import attention_kl
+from nqcompile.policy.reconstruction import allocate_across_layers, reconstruction_scores
 
 
 @settings(max_examples=50, deadline=None)
@@ -117,3 +118,56 @@ def test_attention_kl_equals_brute_force(batch, heads, q_len, window, data):
                 p_hat = torch.softmax(0.5 * key_hat[b, kv, visible] @ query[b, h, i], 0)
                 terms.append(float((p * (p / p_hat).log()).sum()))
         assert abs(float(got[b]) - sum(terms) / len(terms)) < 1e-9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 300), st.integers(1, 12),
+       st.data())
+def test_reconstruction_scores_equal_a_loop_over_queries_and_heads(batch, heads, n_keys, n_queries, data):
+    n_q, n_kv = heads
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    query = torch.randn(batch, n_q, n_queries, 8, generator=g, dtype=torch.float64)
+    key = torch.randn(batch, n_kv, n_keys, 8, generator=g, dtype=torch.float64)
+    visible = torch.rand(batch, n_queries, n_keys, generator=g) < 0.8
+    lo = data.draw(st.integers(0, n_keys - 1))
+    target = slice(lo, data.draw(st.integers(lo + 1, n_keys)))
+    got = reconstruction_scores(query, key, visible, scaling=0.3, target=target)
+    group = n_q // n_kv
+    want = torch.zeros(batch, n_kv, target.stop - target.start, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(n_q):
+            for t in range(n_queries):
+                seen = visible[b, t].nonzero().flatten()
+                if len(seen) == 0:
+                    continue
+                p = torch.zeros(n_keys, dtype=torch.float64)
+                p[seen] = torch.softmax(key[b, h // group, seen] @ query[b, h, t] * 0.3, 0)
+                want[b, h // group] = torch.maximum(want[b, h // group], p[target])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.lists(st.integers(0, 12), min_size=1, max_size=4), st.data())
+def test_allocate_across_layers_takes_the_best_slots_of_each_layers_best_head(batch, heads, lengths, data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    scores = []
+    for n in lengths:
+        s = torch.rand(batch, heads, n, generator=g)
+        scores.append(s.masked_fill(torch.rand(batch, 1, n, generator=g) < 0.3, float("-inf")))
+    total = torch.tensor([data.draw(st.integers(0, sum(lengths) + 2)) for _ in range(batch)])
+    counts = allocate_across_layers(scores, total)
+    for b in range(batch):
+        # Brute force: slot j of layer l is worth the j-th best score of its best head.
+        slots = []
+        for layer, s in enumerate(scores):
+            ranked = [sorted(s[b, h].tolist(), reverse=True) for h in range(heads)]
+            slots += [(max(r[j] for r in ranked), layer) for j in range(s.shape[2])]
+        slots = [x for x in slots if x[0] > float("-inf")]
+        taken = sorted(slots, key=lambda x: -x[0])[: int(total[b])]
+        want = [sum(1 for _, layer in taken if layer == i) for i in range(len(scores))]
+        assert [int(c[b]) for c in counts] == want
+        # Every head keeps at least its own tokens above the last slot taken (KVzip's threshold).
+        if taken:
+            cut = taken[-1][0]
+            for layer, s in enumerate(scores):
+                assert all(int((s[b, h] > cut).sum()) <= int(counts[layer][b]) for h in range(heads))
