@@ -22,8 +22,11 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     It registers the ``"nexusquant"`` attention (transformers' ``AttentionInterface``), switches the model
     to it, and wraps this model's ``generate`` so that a :class:`~nqcompile.NexusCache` sized for the
     prompt plus ``max_new_tokens`` is built when no ``past_key_values`` is passed; a ``NexusCache`` passed
-    to continue a conversation gets room for the new turn. The model's weights and dtype are untouched,
-    and it still runs exactly with a plain ``DynamicCache``.
+    to continue a conversation gets room for the new turn. A forward hook has the model re-read each prefill
+    chunk that a ``scorer="reconstruction"`` cache holds back (:meth:`NexusCache.reconstruct`, one more
+    forward pass over the chunk); for other scorers it does nothing. Calling it again replaces the hook and
+    the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
+    ``DynamicCache``.
 
     Args:
         model: a decoder-only ``PreTrainedModel`` with rotary attention.

@@ -38,6 +38,8 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
         model(prompt, past_key_values=src)
         with pytest.raises(ValueError, match="no queries"):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation")
+        with pytest.raises(ValueError, match="scorer='reconstruction'"):
+            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="reconstruction")
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 
 import nqcompile
 from transformers import DynamicCache
@@ -11,7 +12,8 @@ from nqcompile import ops
 from nqcompile.layer import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
-SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0)
+SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0,
+             scorer="key_diff", pooling_kernel=7)
 WARM = dict(SMALL, warm_tokens=32)  # a warm tier of 32 tokens at 4 bits
 RECON = dict(SMALL, scorer="reconstruction", pooling_kernel=1)  # KVzip scores, one budget for all layers
 
@@ -386,3 +388,23 @@ def test_a_deferred_chunk_must_be_reconstructed_before_decoding():
         cache.reconstruct(model, ids)
         assert not cache.awaiting_reconstruction
         model(ids[:, :1], past_key_values=cache)
+
+
+def test_rereading_leaves_the_sliding_window_layers_of_a_hybrid_model_as_they_were():
+    config = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, use_sliding_window=True, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    opts = dict(RECON, compress_layers="global_only")
+    nqcompile.optimize(model, "balanced", **opts)
+    ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(4))
+    cache = nqcompile.NexusCache(model.config, "balanced", **opts)
+    dyn = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dyn)
+    assert not cache.awaiting_reconstruction and isinstance(cache.layers[1], NexusLayer)
+    assert cache.layers[0].get_seq_length() == 80
+    torch.testing.assert_close(cache.layers[0].keys, dyn.layers[0].keys, rtol=0, atol=0)

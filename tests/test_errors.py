@@ -34,6 +34,8 @@ def test_unknown_preset_and_bits():
         nqcompile.get_preset("balanced", keybits=3)
     with pytest.raises(ValueError, match="one bit below key_bits=2"):
         nqcompile.get_preset("max", relax_key_kl=0.01)
+    with pytest.raises(ValueError, match="layer_budget='pyramid' cannot apply"):
+        nqcompile.get_preset("balanced", scorer="reconstruction", layer_budget="pyramid")
     with pytest.raises(ValueError, match="warm_bits=3 is below key_bits=4"):
         nqcompile.get_preset("quant_only", warm_tokens=64, warm_bits=3)
 
@@ -55,3 +57,12 @@ def test_generate_keeps_the_model_dtype(dtype):
     cache = out.past_key_values
     assert isinstance(cache, nqcompile.NexusCache)
     assert cache.layers[0].win_k.dtype == dtype and cache.layers[0].k_codes.dtype == torch.uint8
+
+
+def test_reconstruction_needs_token_ids():
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", scorer="reconstruction", min_evict_tokens=0,
+                               recent_window=16)
+    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset)
+    embeds = model.get_input_embeddings()(torch.randint(1, 256, (1, 60)))
+    with torch.no_grad(), pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+        model(inputs_embeds=embeds, past_key_values=cache)

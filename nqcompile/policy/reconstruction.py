@@ -53,10 +53,12 @@ def reconstruction_scores(query: torch.Tensor, key: torch.Tensor, visible: torch
     for start in range(0, q_len, _QUERY_BLOCK):
         q = query[:, :, start:start + _QUERY_BLOCK].to(compute)
         q = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, q.shape[2], head_dim)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scaling
-        seen = visible[:, None, None, start:start + _QUERY_BLOCK]
-        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1).nan_to_num(0.0)
-        best = torch.maximum(best, probs[..., target].amax(dim=(2, 3)))
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, k).mul_(scaling)
+        logits.masked_fill_(~visible[:, None, None, start:start + _QUERY_BLOCK], float("-inf"))
+        # max over queries of p = exp(logit - logsumexp): only the target slice is exponentiated.
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # a query that sees nothing pays nothing
+        best = torch.maximum(best, (logits[..., target] - lse).amax(dim=(2, 3)).exp())
     return best
 
 
