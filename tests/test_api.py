@@ -23,7 +23,7 @@ def test_compress_kv_cache_exact_continues_like_the_dynamic_cache():
         src = DynamicCache()
         model(prompt, past_key_values=src)
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, key_bits=None, value_bits=None,
-                                            eviction_ratio=0.0, recent_window=16)
+                                            relax_key_kl=0, eviction_ratio=0.0, recent_window=16)
         assert cache.get_seq_length() == 50
         got = _decode(model, cache, more)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
@@ -42,7 +42,7 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="reconstruction")
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
-        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer,
+        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, relax_key_kl=0,
                                             recent_window=16, min_evict_tokens=0)
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
         assert cache.layers[0]._host_code_len[0] == kept - 16
