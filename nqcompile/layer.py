@@ -24,6 +24,10 @@ E8-quantized and packed into the code buffers. No float copy survives. A decode 
 when the window is full its oldest 16 tokens are flushed into codes (never evicted). A later chunk (the
 next turn) is compressed the same way; codes already written are never touched again.
 
+With ``scorer="reconstruction"`` (KVzip) a chunk long enough to evict from is held exactly instead, until
+:meth:`NexusCache.reconstruct` has had the model re-read it (:meth:`NexusLayer._reread` attends and scores
+without storing) and has shared the kept-token budget among the layers; then it is compressed as above.
+
 With ``relax_key_kl`` set, the first chunk also decides each layer's key width: a layer whose observation
 queries' attention moves by less than that KL divergence when its keys lose a bit stores them one bit
 lower from then on (:mod:`nqcompile.policy.key_bits`).
@@ -586,7 +590,8 @@ class NexusLayer(CacheLayerMixin):
         qtime = None
         if query is not None:
             q_real = real[:, real.shape[1] - query.shape[2]:]
-            qtime = torch.where(q_real, time[width - query.shape[2]:][None], torch.full_like(q_real, -1, dtype=torch.int64))
+            qtime = torch.where(q_real, time[width - query.shape[2]:][None],
+                                torch.full_like(q_real, -1, dtype=torch.int64))
         if self.chunks == 0:
             self._set_norm(pk, pv, ppos, preal & ~sp.is_sink)
             if self.relaxable:
