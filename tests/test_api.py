@@ -67,3 +67,36 @@ def test_optimize_generate_sizes_the_cache_and_continues_a_conversation():
     assert out2.past_key_values is cache
     assert out2.sequences.shape[1] == turn2.shape[1] + 8
     assert cache.get_seq_length() == turn2.shape[1] + 7
+
+
+def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
+    """Through generate (left-padded batch, two turns) the hook re-reads every chunk long enough to evict from,
+    and the result equals calling NexusCache.reconstruct after a plain forward."""
+    opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0)
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", **opts)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 256, (2, 150), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert not cache.awaiting_reconstruction
+    kept = [layer._host_code_len for layer in cache.layers]
+    turn2 = torch.cat([out.sequences, torch.randint(1, 256, (2, 100), generator=gen)], 1)
+    mask2 = torch.cat([mask, torch.ones(2, turn2.shape[1] - mask.shape[1], dtype=torch.long)], 1)
+    model.generate(turn2, attention_mask=mask2, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert not cache.awaiting_reconstruction and cache.get_seq_length() == turn2.shape[1] + 3
+    assert sum(sum(layer._host_code_len) for layer in cache.layers) > sum(map(sum, kept))  # the turn kept tokens
+    # By hand: the same prefill without the hook, then reconstruct().
+    model._nqcompile_reconstruct_hook.remove()
+    by_hand = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=156)
+    with torch.no_grad():
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=by_hand)
+        by_hand.reconstruct(model, ids, mask)
+    first = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=156)
+    nqcompile.optimize(model, "balanced", **opts)  # the hook again
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=first)
+    for a, b in zip(by_hand.layers, first.layers):
+        assert a._host_code_len == b._host_code_len and torch.equal(a.k_codes, b.k_codes)
