@@ -145,7 +145,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     print("\n--- speed (wall clock, this machine) ---")
     t = timer.times  # t[0]: prompt handed to generate; t[1]: first new token; t[i]: i-th new token
-    print(f"prefill: {n_prompt} tokens + first new token in {t[1] - t[0]:.2f} s (includes the compression at the end of the prefill)")
+    extra = " and the re-reading that scores tokens" if model.nqcompile_preset.scorer == "reconstruction" else ""
+    print(f"prefill: {n_prompt} tokens + first new token in {t[1] - t[0]:.2f} s (includes the compression at the "
+          f"end of the prefill{extra})")
     if len(t) > 2:
         steps = len(t) - 2
         print(f"decode: {steps} tokens in {t[-1] - t[1]:.2f} s = {steps / (t[-1] - t[1]):.1f} tokens/s")
