@@ -54,6 +54,9 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         if "past_key_values" in kwargs and cache_arg != "past_key_values":
             kwargs[cache_arg] = kwargs.pop("past_key_values")
         cache = kwargs.get(cache_arg)
+        if chosen.scorer == "reconstruction" and chosen.eviction_ratio > 0 and kwargs.get("inputs_embeds") is not None:
+            raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not "
+                             "inputs_embeds (or optimize with another scorer)")
         if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
             config = kwargs.get("generation_config") or model.generation_config
             new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
@@ -79,18 +82,22 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
     """Forward hook: after a forward that left a prefill chunk deferred (``scorer="reconstruction"``), run
     :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    signature = inspect.signature(model.forward)
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():  # names the signature only takes through **kwargs
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    cache = bound.get("cache", bound.get("past_key_values"))
     if not isinstance(cache, NexusCache) or not cache.awaiting_reconstruction \
             or any(getattr(layer, "rereading", False) for layer in cache.layers):
         return
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if input_ids is None:
+    if bound.get("input_ids") is None:
         raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not inputs_embeds "
                          "(or use another scorer)")
-    cache.reconstruct(model, input_ids, kwargs.get("attention_mask"))
+    cache.reconstruct(model, bound["input_ids"], bound.get("attention_mask"))
 
 
-def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", *, config,
+def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, config,
                       attention_mask: torch.Tensor | None = None, max_cache_len: int | None = None,
                       **overrides: Any) -> NexusCache:
     """Turn a ``DynamicCache`` filled by a prefill into a :class:`~nqcompile.NexusCache`.
@@ -101,7 +108,9 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "balanced", 
 
     Args:
         cache: a ``DynamicCache`` holding ``[B, Hkv, L, D]`` keys and values in every layer.
-        preset: name or :class:`~nqcompile.Preset`.
+        preset: name or :class:`~nqcompile.Preset`; the default ``"asym"`` only quantizes (``balanced`` and ``max``
+            rank tokens by re-reading with the model, and ``quant_only`` measures its key bits on queries: neither
+            is possible here without overrides).
         config: the model's config.
         attention_mask: ``[B, L]`` 2D padding mask of the prefill (1 = real token), default all real;
             positions are ``cumsum(mask) - 1`` as transformers' ``generate`` computes them.

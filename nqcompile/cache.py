@@ -157,7 +157,8 @@ class NexusCache(Cache):
         """Re-read the prefill chunk just fed and compress it by reconstruction scores (KVzip).
 
         The model reads ``input_ids`` again, right after the chunk, in pieces of
-        :data:`~nqcompile.policy.reconstruction.REREAD_TOKENS` tokens; the layers attend over what they
+        :data:`~nqcompile.policy.reconstruction.REREAD_TOKENS` real tokens (cut per sequence, so a padded row
+        is read as it would be alone); the layers attend over what they
         hold but store nothing, and note for each token of the chunk the most attention it receives. Then
         the kept-token budget of all layers together is shared among them
         (:func:`~nqcompile.policy.reconstruction.allocate_across_layers`) and every deferred layer
@@ -171,7 +172,9 @@ class NexusCache(Cache):
 
         Raises:
             RuntimeError: no chunk is deferred.
-            ValueError: ``input_ids`` does not match the deferred chunk.
+            ValueError: ``input_ids`` or ``attention_mask`` does not match the deferred chunk.
+            NotImplementedError: ``dynamic`` or ``longrope`` rope whose frequencies would change at the
+                re-reading's positions (up to twice the chunk's); use ``scorer="key_diff"`` for such a model.
         """
         deferred = self._reread(model, input_ids, attention_mask)
         candidates = [layer.reconstruction_candidates() for layer in deferred]
@@ -184,30 +187,44 @@ class NexusCache(Cache):
         deferred = [layer for layer in self.layers if isinstance(layer, NexusLayer) and layer._deferred is not None]
         if not deferred:
             raise RuntimeError("no prefill chunk awaits reconstruction in this NexusCache")
-        chunk = deferred[0]._deferred[1].shape[2]
-        if input_ids.dim() != 2 or input_ids.shape[1] != chunk:
-            raise ValueError(f"the deferred chunk has {chunk} tokens, got input_ids of shape {tuple(input_ids.shape)}")
+        chunk, batch = deferred[0]._deferred[1].shape[2], deferred[0].batch
+        logical = deferred[0].logical_len
+        if input_ids.dim() != 2 or tuple(input_ids.shape) != (batch, chunk):
+            raise ValueError(f"the deferred chunk is {batch} x {chunk} tokens, got input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
         device = deferred[0].device
-        mask = torch.ones(input_ids.shape[0], deferred[0].logical_len, dtype=torch.long, device=device) \
-            if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, logical):
+            raise ValueError(f"attention_mask must cover every token seen, ({batch}, {logical}), got "
+                             f"{tuple(attention_mask.shape)}")
+        mask = torch.ones(batch, logical, dtype=torch.long, device=device) if attention_mask is None \
+            else attention_mask.to(device=device, dtype=torch.long)
+        ids = input_ids.to(device)
         real = mask[:, -chunk:].bool()
+        n_real = real.sum(1)
         seen = mask.sum(1, keepdim=True)  # positions are cumsum(mask) - 1: the re-reading continues from here
+        # Each row's real tokens in order; pieces are cut at the same offsets a row would have alone.
+        order = torch.where(real, torch.arange(chunk, device=device)[None], chunk).sort(1).values.clamp(max=chunk - 1)
         nexus = [layer for layer in self.layers if isinstance(layer, NexusLayer)]
         others = {i: dict(vars(layer)) for i, layer in enumerate(self.layers) if not isinstance(layer, NexusLayer)}
         for layer in nexus:
             layer.rereading = True
         try:
-            for start in range(0, chunk, REREAD_TOKENS):
-                piece_real = real[:, start:start + REREAD_TOKENS]
-                positions = torch.where(piece_real, seen + piece_real.long().cumsum(1) - 1, 1)
-                model(input_ids=input_ids[:, start:start + REREAD_TOKENS].to(device), position_ids=positions,
-                      attention_mask=torch.cat([mask, piece_real.long()], 1), use_cache=True, logits_to_keep=1,
-                      **{cache_kwarg_name(model): self})
+            for start in range(0, int(n_real.max()), REREAD_TOKENS):
+                count = (n_real - start).clamp(min=0, max=REREAD_TOKENS)
+                k = torch.arange(int(count.max()), device=device)[None] - (count.max() - count)[:, None]
+                piece_real = k >= 0  # left-padded piece: the row's real tokens start + k
+                src = order.gather(1, (start + k).clamp(min=0))
+                try:
+                    model(input_ids=torch.where(piece_real, ids.gather(1, src), 0),
+                          position_ids=torch.where(piece_real, seen + k, 1),
+                          attention_mask=torch.cat([mask, piece_real.long()], 1), use_cache=True, logits_to_keep=1,
+                          **{cache_kwarg_name(model): self})
+                finally:
+                    for i, saved in others.items():  # transformers' own layers (sliding window) stored the piece
+                        self.layers[i].__dict__.update(saved)
         finally:
             for layer in nexus:
                 layer.rereading = False
-            for i, saved in others.items():  # transformers' own layers (sliding window) stored the pieces
-                self.layers[i].__dict__.update(saved)
         return deferred
 
     def reserve(self, new_tokens: int) -> None:

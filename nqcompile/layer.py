@@ -343,6 +343,7 @@ class NexusLayer(CacheLayerMixin):
         key, value = self._pending
         self._pending = None
         if self.rereading:
+            self.rotary.check_length(int(positions.max()) + 1)
             return self._reread(query, key, value, real, scaling)
         if self._deferred is not None:
             raise RuntimeError("a prefill chunk of this NexusCache awaits its reconstruction pass (scorer="
@@ -515,8 +516,8 @@ class NexusLayer(CacheLayerMixin):
         """Attention of a piece of the re-reading (``[B, H, r, D]`` keys/values of the deferred chunk's tokens
         read again) over everything the layer holds, its deferred chunk and the piece itself; nothing is
         stored. With a deferred chunk, keeps per candidate (window, then chunk: :meth:`_split`'s order) the
-        largest attention any real query of the piece pays it
-        (:func:`~nqcompile.policy.reconstruction.reconstruction_scores`)."""
+        largest attention probability (softmax over everything the layer holds and the piece) that any real
+        query of the piece pays it (:func:`~nqcompile.policy.reconstruction.reconstruction_scores`)."""
         r = key.shape[2]
         ek, ev, valid = self._exact_segment()
         own = torch.ones(r, r, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]
@@ -531,8 +532,18 @@ class NexusLayer(CacheLayerMixin):
                                     self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len, keys,
                                     values, mask, *self._codec_args(), scaling)
         if self._deferred is not None:
-            target = slice(ek.shape[2] - self.win_k.shape[2], keys.shape[2] - r)
-            scores = reconstruction_scores(query, keys, mask & real[:, :, None], scaling=scaling, target=target)
+            # The softmax of the scores runs over everything the layer holds, codes of earlier turns included.
+            if self.kind == "exact":
+                ck = self.k_codes[:, :, :n]
+            else:
+                pos = self._code_positions()[:, :, :n].expand(-1, self.heads, -1)
+                ck = ops.dequant_kv(self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
+                                    self.v_scales[:, :, :n], pos, *self._codec_args())[0]
+            coded = _first(self.code_len, n)[:, None, :].expand(-1, r, -1)
+            target = slice(n + ek.shape[2] - self.win_k.shape[2], n + keys.shape[2] - r)
+            scores = reconstruction_scores(query, torch.cat([ck.to(keys.dtype), keys], 2),
+                                           torch.cat([coded, mask], -1) & real[:, :, None], scaling=scaling,
+                                           target=target)
             self._recon_scores = scores if self._recon_scores is None else torch.maximum(self._recon_scores, scores)
         return out
 
@@ -706,7 +717,11 @@ class NexusLayer(CacheLayerMixin):
         """Every tensor this layer holds, by attribute name."""
         if not self.is_initialized:
             return {}
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        held = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        if self._deferred is not None:  # a chunk waiting for its re-reading is held exactly
+            names = ("deferred_query", "deferred_k", "deferred_v", "deferred_real", "deferred_pos")
+            held.update({k: v for k, v in zip(names, self._deferred) if isinstance(v, torch.Tensor)})
+        return held
 
     def unused_bytes(self) -> int:
         """Bytes preallocated for code, sink and window slots not holding a token yet."""
@@ -723,7 +738,9 @@ class NexusLayer(CacheLayerMixin):
         return free_codes * per_slot + free_exact * exact_slot + free_warm * warm_slot
 
     def physical_tokens(self) -> int:
-        return int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_warm_len) + sum(self._host_win_len)
+        deferred = int(self._deferred[3].sum()) if self._deferred is not None else 0
+        return (int(self.sink_len.sum()) + sum(self._host_code_len) + sum(self._host_warm_len)
+                + sum(self._host_win_len) + deferred)
 
 
 class _Split(NamedTuple):

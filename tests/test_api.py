@@ -42,6 +42,7 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="reconstruction")
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
+        assert nqcompile.compress_kv_cache(src, config=model.config).preset.name == "asym"  # the default works
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, relax_key_kl=0,
                                             recent_window=16, min_evict_tokens=0)
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
@@ -99,4 +100,10 @@ def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, past_key_values=first)
     for a, b in zip(by_hand.layers, first.layers):
+        assert a._host_code_len == b._host_code_len and torch.equal(a.k_codes, b.k_codes)
+    # The hook reads the mask and the cache from positional arguments as well.
+    positional = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=156)
+    with torch.no_grad():
+        model(ids, mask, positions, positional)
+    for a, b in zip(positional.layers, first.layers):
         assert a._host_code_len == b._host_code_len and torch.equal(a.k_codes, b.k_codes)

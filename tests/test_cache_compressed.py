@@ -381,10 +381,14 @@ def test_a_deferred_chunk_must_be_reconstructed_before_decoding():
     ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         model(ids, past_key_values=cache)
+        report = cache.memory_report()  # the chunk waiting for its re-reading is held, and counted, exactly
+        assert report.physical_tokens == 80 and report.allocated_bytes > 2 * 80 * 64 * 4 * len(cache.layers)
         with pytest.raises(RuntimeError, match="awaits its reconstruction pass"):
             model(ids[:, :1], past_key_values=cache)
-        with pytest.raises(ValueError, match="80 tokens"):
+        with pytest.raises(ValueError, match="1 x 80 tokens"):
             cache.reconstruct(model, ids[:, :40])
+        with pytest.raises(ValueError, match="attention_mask must cover every token seen"):
+            cache.reconstruct(model, ids, torch.ones(1, 40, dtype=torch.long))
         cache.reconstruct(model, ids)
         assert not cache.awaiting_reconstruction
         model(ids[:, :1], past_key_values=cache)
@@ -408,3 +412,9 @@ def test_rereading_leaves_the_sliding_window_layers_of_a_hybrid_model_as_they_we
     assert not cache.awaiting_reconstruction and isinstance(cache.layers[1], NexusLayer)
     assert cache.layers[0].get_seq_length() == 80
     torch.testing.assert_close(cache.layers[0].keys, dyn.layers[0].keys, rtol=0, atol=0)
+
+
+def test_rereading_in_pieces_keeps_a_padded_row_equal_to_its_solo_run(monkeypatch):
+    """Pieces are cut per row: with 40-token pieces the rows of 97 and 150 tokens are read in 3 and 4 pieces."""
+    monkeypatch.setattr(nqcompile.cache, "REREAD_TOKENS", 40)
+    test_left_padded_batch_matches_each_prompt_alone("balanced", RECON)

@@ -66,3 +66,18 @@ def test_reconstruction_needs_token_ids():
     embeds = model.get_input_embeddings()(torch.randint(1, 256, (1, 60)))
     with torch.no_grad(), pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
         model(inputs_embeds=embeds, past_key_values=cache)
+
+
+def test_reconstruction_past_the_length_where_longrope_changes_frequencies():
+    config = transformers.Phi3Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=256, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 32, "long_factor": [4.0] * 32})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    nqcompile.optimize(model, "balanced", min_evict_tokens=0, recent_window=16, relax_key_kl=0)
+    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="longrope rope beyond"):
+        model(torch.randint(1, 256, (1, 200)), past_key_values=cache)  # re-read at positions 200-399
+    with torch.no_grad():
+        model(torch.randint(1, 256, (1, 120)), past_key_values=nqcompile.NexusCache(model.config,
+                                                                                   model.nqcompile_preset))
