@@ -418,3 +418,36 @@ def test_rereading_in_pieces_keeps_a_padded_row_equal_to_its_solo_run(monkeypatc
     """Pieces are cut per row: with 40-token pieces the rows of 97 and 150 tokens are read in 3 and 4 pieces."""
     monkeypatch.setattr(nqcompile.cache, "REREAD_TOKENS", 40)
     test_left_padded_batch_matches_each_prompt_alone("balanced", RECON)
+
+
+def test_second_turn_scores_take_their_softmax_over_the_codes_of_the_first_turn_too():
+    """Exact storage: layer 0's scores of a second turn equal the eager attention of a re-reading over what
+    the layer holds (sinks, the kept tokens of turn 1, window) and the turn, through a DynamicCache."""
+    opts = dict(RECON, key_bits=None, value_bits=None)
+    model = tiny_model("qwen2", dtype=torch.float64)
+    nqcompile.optimize(model, "balanced", **opts)
+    reference = tiny_model("qwen2", dtype=torch.float64)
+    reference.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(23)
+    turn1, turn2 = torch.randint(1, 256, (1, 120), generator=gen), torch.randint(1, 256, (1, 70), generator=gen)
+    cache = nqcompile.NexusCache(model.config, "balanced", **opts)
+    with torch.no_grad():
+        model(turn1, past_key_values=cache)
+        model._nqcompile_reconstruct_hook.remove()
+        model(turn2, past_key_values=cache)
+        layer = cache._reread(model, turn2, None)[0]
+        assert layer._host_code_len[0] > 0
+        n, w = layer._host_code_len[0], int(layer.win_len[0])
+        held = [(layer.sink_k[:, :, :4], layer.sink_v[:, :, :4]), (layer.k_codes[:, :, :n], layer.v_codes[:, :, :n]),
+                (layer.win_k[:, :, :w], layer.win_v[:, :, :w]), layer._deferred[1:3]]
+        keys, values = torch.cat([k for k, _ in held], 2), torch.cat([v for _, v in held], 2)
+        dyn = DynamicCache()
+        for i in range(len(cache.layers)):  # every layer holds layer 0's tokens: only layer 0 is compared
+            dyn.update(keys, values, i)
+        start = 120 + 70
+        again = reference(turn2, past_key_values=dyn, position_ids=torch.arange(start, start + 70)[None],
+                          output_attentions=True)
+    attn = again.attentions[0]  # [1, Hq, 70, held + 70 + 70]
+    want = attn[..., 4 + n:keys.shape[2]].unflatten(1, (layer.heads, -1)).amax(dim=(2, 3))  # window, then turn 2
+    got = torch.cat([layer._recon_scores[..., :w], layer._recon_scores[..., RECON["recent_window"]:]], -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
