@@ -82,15 +82,15 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
     """Forward hook: after a forward that left a prefill chunk deferred (``scorer="reconstruction"``), run
     :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
+    cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+    if cache is None or not cache.awaiting_reconstruction \
+            or any(getattr(layer, "rereading", False) for layer in cache.layers):
+        return
     signature = inspect.signature(model.forward)
     bound = dict(signature.bind_partial(*args, **kwargs).arguments)
     for name, param in signature.parameters.items():  # names the signature only takes through **kwargs
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             bound.update(bound.pop(name, {}))
-    cache = bound.get("cache", bound.get("past_key_values"))
-    if not isinstance(cache, NexusCache) or not cache.awaiting_reconstruction \
-            or any(getattr(layer, "rereading", False) for layer in cache.layers):
-        return
     if bound.get("input_ids") is None:
         raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not inputs_embeds "
                          "(or use another scorer)")
