@@ -118,9 +118,9 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
         **overrides: :class:`~nqcompile.Preset` fields.
 
     Raises:
-        ValueError: the preset evicts with the ``observation`` scorer or sets ``relax_key_kl`` (both need the
-            prefill's queries; pass ``scorer="key_diff"`` or ``"key_norm"``, ``relax_key_kl=0``), or the cache
-            holds layers of another kind.
+        ValueError: the preset evicts with the ``observation`` or ``reconstruction`` scorer or sets
+            ``relax_key_kl`` (they need the prefill's queries or the model; pass ``scorer="key_diff"`` or
+            ``"key_norm"``, ``relax_key_kl=0``), or the cache holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
     if chosen.eviction_ratio > 0 and chosen.scorer in ("observation", "reconstruction"):

@@ -489,17 +489,30 @@ class NexusLayer(CacheLayerMixin):
         self.code_len += count
         self._host_code_len = [c + n for c, n in zip(self._host_code_len, count.tolist())]
 
-    def _chunk(self, query, key, value, real, positions, scaling) -> torch.Tensor:
+    def _attend_over_held(self, query, key, value, real, scaling, held_back=None):
+        """Attention of ``q`` new tokens (keys/values ``[B, H, q, D]``, ``real`` ``[B, q]``) over the codes, the exact
+        segment, a chunk held back for its re-reading (``(keys, values, real)``, or None) and, causally, themselves.
+
+        Returns ``(out [B, Hq, q, D], keys [B, H, E, D], mask [B, q, E])``: the output and the exact keys and mask
+        it used (codes excluded).
+        """
         q_len = key.shape[2]
         ek, ev, valid = self._exact_segment()
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
-        own = (causal[None] & real[:, None, :]) | torch.eye(q_len, dtype=torch.bool, device=self.device)[None]
-        mask = torch.cat([valid[:, None, :].expand(-1, q_len, -1), own], dim=-1)
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]
+        own = own | torch.eye(q_len, dtype=torch.bool, device=self.device)[None]
+        ks, vs, seen = [ek], [ev], [valid[:, None, :].expand(-1, q_len, -1)]
+        if held_back is not None:
+            hk, hv, hreal = held_back
+            ks, vs, seen = ks + [hk], vs + [hv], seen + [hreal[:, None, :].expand(-1, q_len, -1)]
+        keys, values, mask = torch.cat(ks + [key], 2), torch.cat(vs + [value], 2), torch.cat(seen + [own], -1)
         n = max(self._host_code_len)  # slots past every sequence's end need no decoding
         out = ops.dequant_attention(query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
-                                    self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len,
-                                    torch.cat([ek, key], 2), torch.cat([ev, value], 2), mask, *self._codec_args(),
-                                    scaling)
+                                    self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len, keys,
+                                    values, mask, *self._codec_args(), scaling)
+        return out, keys, mask
+
+    def _chunk(self, query, key, value, real, positions, scaling) -> torch.Tensor:
+        out = self._attend_over_held(query, key, value, real, scaling)[0]
         if self.evicting and self.preset.scorer == "reconstruction" \
                 and int(real.sum(1).max()) >= self.preset.min_evict_tokens:
             # Held exactly until NexusCache.reconstruct() has re-read the chunk; the relax trial needs only
@@ -518,29 +531,20 @@ class NexusLayer(CacheLayerMixin):
         stored. With a deferred chunk, keeps per candidate (window, then chunk: :meth:`_split`'s order) the
         largest attention probability (softmax over everything the layer holds and the piece) that any real
         query of the piece pays it (:func:`~nqcompile.policy.reconstruction.reconstruction_scores`)."""
-        r = key.shape[2]
-        ek, ev, valid = self._exact_segment()
-        own = torch.ones(r, r, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]
-        own = own | torch.eye(r, dtype=torch.bool, device=self.device)[None]
-        ks, vs, seen = [ek], [ev], [valid[:, None, :].expand(-1, r, -1)]
-        if self._deferred is not None:
-            _, dk, dv, dreal, _, _ = self._deferred
-            ks, vs, seen = ks + [dk], vs + [dv], seen + [dreal[:, None, :].expand(-1, r, -1)]
-        keys, values, mask = torch.cat(ks + [key], 2), torch.cat(vs + [value], 2), torch.cat(seen + [own], -1)
-        n = max(self._host_code_len)
-        out = ops.dequant_attention(query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
-                                    self.v_scales[:, :, :n], self._code_positions()[:, :, :n], self.code_len, keys,
-                                    values, mask, *self._codec_args(), scaling)
-        if self._deferred is not None:
+        held_back = self._deferred[1:4] if self._deferred is not None else None
+        out, keys, mask = self._attend_over_held(query, key, value, real, scaling, held_back)
+        if held_back is not None:
             # The softmax of the scores runs over everything the layer holds, codes of earlier turns included.
+            n = max(self._host_code_len)
             if self.kind == "exact":
                 ck = self.k_codes[:, :, :n]
             else:
                 pos = self._code_positions()[:, :, :n].expand(-1, self.heads, -1)
                 ck = ops.dequant_kv(self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
                                     self.v_scales[:, :, :n], pos, *self._codec_args())[0]
+            r, end = key.shape[2], n + keys.shape[2] - key.shape[2]  # end of the deferred chunk
             coded = _first(self.code_len, n)[:, None, :].expand(-1, r, -1)
-            target = slice(n + ek.shape[2] - self.win_k.shape[2], n + keys.shape[2] - r)
+            target = slice(end - held_back[0].shape[2] - self.win_k.shape[2], end)  # window, then the chunk
             scores = reconstruction_scores(query, torch.cat([ck.to(keys.dtype), keys], 2),
                                            torch.cat([coded, mask], -1) & real[:, :, None], scaling=scaling,
                                            target=target)
@@ -554,20 +558,28 @@ class NexusLayer(CacheLayerMixin):
         Raises:
             RuntimeError: no chunk is deferred, or it has not been re-read yet.
         """
-        if self._deferred is None or self._recon_scores is None:
-            raise RuntimeError("no deferred chunk with reconstruction scores in this layer")
+        scores = self._rescored_chunk_scores()
         _, key, value, real, positions, _ = self._deferred
         sp = self._split(key, value, real, positions)
-        return self._recon_scores.masked_fill(~sp.middle[:, None], float("-inf")), sp.budget
+        return scores.masked_fill(~sp.middle[:, None], float("-inf")), sp.budget
 
     def finish_deferred(self, budget: torch.Tensor) -> None:
         """Compress the deferred chunk keeping ``budget[b]`` (``[B]`` int64) tokens per head of sequence ``b``,
-        ranked by their reconstruction scores."""
-        scores = self.reconstruction_candidates()[0]
+        ranked by their reconstruction scores (:meth:`_compress` keeps only candidates).
+
+        Raises:
+            RuntimeError: no chunk is deferred, or it has not been re-read yet.
+        """
+        scores = self._rescored_chunk_scores()
         tail, key, value, real, positions, scaling = self._deferred
         self._deferred = self._recon_scores = None
         self._compress(tail, key, value, real, positions, scaling, scores=scores, budget=budget)
         self.chunks += 1
+
+    def _rescored_chunk_scores(self) -> torch.Tensor:
+        if self._deferred is None or self._recon_scores is None:
+            raise RuntimeError("no deferred chunk with reconstruction scores in this layer")
+        return self._recon_scores
 
     def _split(self, key, value, real, positions) -> "_Split":
         """The window plus a chunk, split into the first chunk's sinks, the new window and the middle, with the
