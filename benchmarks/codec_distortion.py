@@ -92,7 +92,7 @@ def collect_real_kv(
 
     Runs the model once (float32, CPU, no grad) over the first ``n_tokens`` tokens of ``text_path``
     with a ``transformers.DynamicCache``, reads the post-RoPE keys ``[B, Hkv, T, D]`` per layer from the
-    cache and removes RoPE with ``nqcompile.codec.rotary_spec.RotarySpec.from_config(config, layer_idx=i)``.
+    cache and removes RoPE with ``nqcompile.models.rope_spec.RotarySpec.from_config(config, layer_idx=i)``.
 
     Returns:
         dict with float32 tensors ``keys`` and ``values`` of shape ``[L, Hkv, T, D]`` (batch 1 dropped).
@@ -102,7 +102,7 @@ def collect_real_kv(
     """
     from transformers import DynamicCache
 
-    from nqcompile.codec.rotary_spec import RotarySpec
+    from nqcompile.models.rope_spec import RotarySpec
     from nqcompile.models import cache_kwarg_name, load_pretrained
 
     model, tok = load_pretrained(model_name)

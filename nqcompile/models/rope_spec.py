@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .rope import _as_positions, _check_layout, apply_rotary, rotary_cos_sin
+from ..codec.rope import _as_positions, _check_layout, apply_rotary, rotary_cos_sin
 
 __all__ = ["INTERLEAVED_MODEL_TYPES", "RotarySpec"]
 

@@ -5,7 +5,7 @@ Each compressed layer holds, per sequence of the batch:
 
 * ``sink_tokens`` attention sinks, exact, in the model's dtype (``sink_k``, ``sink_v``);
 * the compressed past: packed codes, one-byte scales and (when evicting) positions, in preallocated
-  buffers of static capacity laid out as :mod:`nqcompile.ops` documents;
+  buffers of static capacity laid out as :mod:`nqcompile.ops.layout` documents;
 * optionally a warm tier of the ``warm_tokens`` most recent compressed tokens, coded at ``warm_bits``
   (``warm_k_codes``, ... ``warm_pos``), between the past and the window;
 * a recent window of ``recent_window`` exact tokens (``win_k``, ``win_v``) with their positions.
@@ -48,16 +48,17 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from . import ops
-from .codec.hadamard import hadamard_matrix
-from .codec.kv import KVTransform, channel_statistics
-from .codec.lattice import code_for
-from .codec.rope import apply_rotary
-from .codec.rotary_spec import RotarySpec
-from .policy import make_scorer, select_kept
-from .policy.key_bits import MIN_TRIAL_TOKENS, trial_key_kl
-from .policy.reconstruction import reconstruction_scores
-from .presets import BLOCK_TOKENS, Preset
+from .. import ops
+from ..codec.hadamard import hadamard_matrix
+from ..codec.kv import KVTransform, channel_statistics
+from ..codec.lattice import code_for
+from ..codec.rope import apply_rotary
+from ..models.rope_spec import RotarySpec
+from ..policy import make_scorer, select_kept
+from ..policy.key_bits import MIN_TRIAL_TOKENS, trial_key_kl
+from ..policy.reconstruction import reconstruction_scores
+from ..ops.layout import BLOCK_TOKENS
+from ..presets import Preset
 
 __all__ = ["NexusLayer", "claim_layer"]
 
@@ -86,7 +87,7 @@ class NexusLayer(CacheLayerMixin):
         preset: the cache's :class:`~nqcompile.presets.Preset`.
         bits: ``(key_bits, value_bits)`` for this layer, or ``None`` for exact storage.
         eviction_ratio: fraction of each chunk's tokens evicted in this layer.
-        rotary: the layer's :class:`~nqcompile.codec.rotary_spec.RotarySpec`.
+        rotary: the layer's :class:`~nqcompile.models.rope_spec.RotarySpec`.
         max_cache_len: logical capacity in tokens per sequence (prompt + new tokens), or ``None`` to let the
             code buffers grow at chunk ends.
 

@@ -1,22 +1,10 @@
-"""``torch.library`` custom ops: the boundaries between the cache, the compiler passes and the kernels.
+"""``torch.library`` custom ops (torch reference and fake implementations): the boundaries between the cache, the compiler passes and the kernels.
 
 Every step that touches compressed storage goes through one of these ops, each with a torch reference
 implementation (below) and a fake (meta) implementation, so the ``nexusquant`` backend can match them
 in a graph and the Triton kernels can replace the reference on CUDA without the cache changing.
 
-Storage layout of one compressed layer (all tensors owned by :class:`nqcompile.layer.NexusLayer`)::
-
-    k_codes   uint8  [B, Hkv, C, key_bits * D / 8]    packed key codes, token-major per (sequence, KV head)
-    v_codes   uint8  [B, Hkv, C, value_bits * D / 8]  packed value codes
-    k_scales  uint8  [B, Hkv, C]                      one-byte log2 scale per (token, KV head)
-    v_scales  uint8  [B, Hkv, C]
-    code_len  int64  [B]                              physical tokens held per sequence
-
-``C`` (capacity in tokens) is a multiple of 16, so the codes of a block of 16 tokens are one contiguous
-run of ``16 * bits * D / 8`` bytes (a multiple of 16 bytes) inside each (sequence, KV head) plane, every
-block starting 16-byte aligned: a decode kernel reads a block with aligned vector loads. Scales sit in
-their own contiguous array, one row per (sequence, KV head). For the ``exact`` kind the code tensors are
-float tensors ``[B, Hkv, C, D]`` in the model's dtype and the scale tensors are empty.
+The storage layout the ops read and write is in :mod:`nqcompile.ops.layout`.
 
 Ops:
     ``nqcompile::write_kv``          quantize new keys/values and write them at per-sequence offsets (mutating).
@@ -30,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
+from ..codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
 
 __all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention"]
 

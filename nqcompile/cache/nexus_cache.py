@@ -1,8 +1,8 @@
 """``NexusCache``: a ``transformers.Cache`` whose layers hold packed E8 codes instead of float keys/values.
 
 The per-layer storage, the life of a token (sinks, compressed past, warm tier, exact window) and the
-compression at chunk ends are in :mod:`nqcompile.layer`; this module builds one
-:class:`~nqcompile.layer.NexusLayer` per attention layer from a model config and a preset, and accounts
+compression at chunk ends are in :mod:`nqcompile.cache.layer`; this module builds one
+:class:`~nqcompile.cache.layer.NexusLayer` per attention layer from a model config and a preset, and accounts
 for every byte the cache holds (:class:`CacheMemoryReport`).
 """
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from .codec.rotary_spec import RotarySpec
+from ..models.rope_spec import RotarySpec
 from .layer import NexusLayer
-from .models import cache_kwarg_name
-from .policy import layer_eviction_ratios
-from .policy.reconstruction import REREAD_TOKENS, allocate_across_layers
-from .presets import Preset, get_preset
+from ..models.compat import cache_kwarg_name
+from ..policy import layer_eviction_ratios
+from ..policy.reconstruction import REREAD_TOKENS, allocate_across_layers
+from ..presets import Preset, get_preset
 
 __all__ = ["NexusCache", "CacheMemoryReport"]
 

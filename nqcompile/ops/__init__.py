@@ -1,0 +1,8 @@
+"""The ops every step that touches compressed storage goes through (:mod:`.reference`: ``torch.library``
+custom ops with their torch reference and fake implementations) and the storage contract they share
+(:mod:`.layout`)."""
+
+from .layout import BLOCK_TOKENS, round_up_to_block
+from .reference import dequant_attention, dequant_kv, gather_tokens, write_kv
+
+__all__ = ["BLOCK_TOKENS", "round_up_to_block", "write_kv", "gather_tokens", "dequant_kv", "dequant_attention"]
