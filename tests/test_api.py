@@ -46,10 +46,10 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, relax_key_kl=0,
                                             recent_window=16, min_evict_tokens=0)
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
-        assert cache.layers[0]._host_code_len[0] == kept - 16
+        assert cache.layers[0].storage.code_len.tolist()[0] == kept - 16
         out = model(prompt[:, :1], past_key_values=cache)  # the full window flushes one block first
     assert torch.isfinite(out.logits).all()
-    assert cache.layers[0]._host_code_len[0] == kept
+    assert cache.layers[0].storage.code_len.tolist()[0] == kept
     report = cache.memory_report()  # no max_cache_len: the code buffers grew, the slack is reported
     assert report.unused_capacity_bytes > 0
     assert report.bf16_bytes / (report.allocated_bytes - report.unused_capacity_bytes) > 3
@@ -82,12 +82,12 @@ def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     assert not cache.awaiting_reconstruction
-    kept = [layer._host_code_len for layer in cache.layers]
+    kept = [layer.storage.code_len.tolist() for layer in cache.layers]
     turn2 = torch.cat([out.sequences, torch.randint(1, 256, (2, 100), generator=gen)], 1)
     mask2 = torch.cat([mask, torch.ones(2, turn2.shape[1] - mask.shape[1], dtype=torch.long)], 1)
     model.generate(turn2, attention_mask=mask2, max_new_tokens=4, do_sample=False, past_key_values=cache)
     assert not cache.awaiting_reconstruction and cache.get_seq_length() == turn2.shape[1] + 3
-    assert sum(sum(layer._host_code_len) for layer in cache.layers) > sum(map(sum, kept))  # the turn kept tokens
+    assert sum(sum(layer.storage.code_len.tolist()) for layer in cache.layers) > sum(map(sum, kept))  # the turn kept tokens
     # By hand: the same prefill without the hook, then reconstruct().
     model._nqcompile_reconstruct_hook.remove()
     by_hand = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=156)
@@ -100,10 +100,10 @@ def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, past_key_values=first)
     for a, b in zip(by_hand.layers, first.layers):
-        assert a._host_code_len == b._host_code_len and torch.equal(a.k_codes, b.k_codes)
+        assert a.storage.code_len.tolist() == b.storage.code_len.tolist() and torch.equal(a.storage.k_codes, b.storage.k_codes)
     # The hook reads the mask and the cache from positional arguments as well.
     positional = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=156)
     with torch.no_grad():
         model(ids, mask, positions, positional)
     for a, b in zip(positional.layers, first.layers):
-        assert a._host_code_len == b._host_code_len and torch.equal(a.k_codes, b.k_codes)
+        assert a.storage.code_len.tolist() == b.storage.code_len.tolist() and torch.equal(a.storage.k_codes, b.storage.k_codes)

@@ -48,10 +48,10 @@ def test_left_padded_batch_matches_each_prompt_alone(preset, opts):
         kept = max(0, round(n * (1 - ratio)) - SMALL["sink_tokens"] - SMALL["recent_window"]) * len(layers)
         flushed = 16 * ((SMALL["recent_window"] + steps) // 16) * len(layers)  # decode tokens flushed from the window
         warm = min(opts.get("warm_tokens", 0), kept + flushed)  # the newest compressed tokens, at 4 bits
-        held = [(layer._host_code_len[row], layer._host_warm_len[row]) for layer in layers]
+        held = [(layer.storage.code_len.tolist()[row], layer.storage.warm_len.tolist()[row]) for layer in layers]
         assert tuple(map(sum, zip(*held))) == (kept + flushed - warm, warm)
     if opts is RECON:
-        assert len({layer._host_code_len[1] for layer in layers}) > 1, "one budget shared unevenly among layers"
+        assert len({layer.storage.code_len.tolist()[1] for layer in layers}) > 1, "one budget shared unevenly among layers"
 
 
 @pytest.mark.parametrize("opts", [SMALL, WARM, RECON], ids=["no_warm", "warm", "reconstruction"])
@@ -66,18 +66,18 @@ def test_second_turn_leaves_first_turn_codes_bit_identical(opts):
         for _ in range(18):  # decode steps: one block flush from the window
             model(torch.randint(1, 256, (1, 1), generator=gen), past_key_values=cache)
         layers = [l for l in cache.layers if isinstance(l, NexusLayer)]
-        before = [{name: getattr(l, name)[:, :, : l._host_code_len[0]].clone()
+        before = [{name: getattr(l.storage, name)[:, :, : l.storage.code_len.tolist()[0]].clone()
                    for name in ("k_codes", "v_codes", "k_scales", "v_scales", "code_pos")} for l in layers]
-        sinks = [l.sink_k.clone() for l in layers]
+        sinks = [l.storage.sink_k.clone() for l in layers]
         out = model(turn2, past_key_values=cache)
         assert torch.isfinite(out.logits).all()
-    added = [layer._host_code_len[0] - saved["k_codes"].shape[2] for layer, saved in zip(layers, before)]
+    added = [layer.storage.code_len.tolist()[0] - saved["k_codes"].shape[2] for layer, saved in zip(layers, before)]
     # Reconstruction shares the turn's budget among layers: some may take none of its tokens.
     assert (sum(added) > 0) if opts is RECON else min(added) > 0, f"the second turn added codes: {added}"
     for i, (layer, saved) in enumerate(zip(layers, before)):
         for name, old in saved.items():
-            assert torch.equal(getattr(layer, name)[:, :, : old.shape[2]], old), f"layer {i}: {name} changed"
-        assert torch.equal(layer.sink_k, sinks[i])
+            assert torch.equal(getattr(layer.storage, name)[:, :, : old.shape[2]], old), f"layer {i}: {name} changed"
+        assert torch.equal(layer.storage.sink_k, sinks[i])
     assert cache.get_seq_length() == 120 + 18 + 80
 
 
@@ -95,9 +95,9 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset, opts)
     p = cache.preset
     expected = 0
     for layer in cache.layers:
-        expected += p.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
+        expected += p.layer_bytes(batch=2, kv_heads=layer.storage.heads, head_dim=layer.storage.head_dim, capacity=layer.storage.capacity,
                                   itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2)
-        compressed = layer._host_code_len
+        compressed = layer.storage.code_len.tolist()
         assert min(compressed) > p.sink_tokens + p.recent_window  # more than any exact buffer could hold
         for name, t in layer.tensors().items():
             if t.is_floating_point():
@@ -129,14 +129,14 @@ def test_replay_as_decode_equals_token_by_token_decode(kind, opts):
             replayed = model(continuation, past_key_values=replay_cache).logits
     torch.testing.assert_close(replayed, stepwise, atol=2e-5, rtol=1e-4)
     for a, b in zip(step_cache.layers, replay_cache.layers):
-        assert (a._host_code_len, a._host_warm_len, a._host_win_len) == (
-            b._host_code_len, b._host_warm_len, b._host_win_len)
-        n = a._host_code_len[0]
-        assert torch.equal(a.k_codes[:, :, :n], b.k_codes[:, :, :n])
-        w = a._host_warm_len[0]
-        assert torch.equal(a.warm_v_codes[:, :, :w], b.warm_v_codes[:, :, :w])
-        w = a._host_win_len[0]
-        torch.testing.assert_close(a.win_k[:, :, :w], b.win_k[:, :, :w], atol=1e-5, rtol=1e-5)
+        assert (a.storage.code_len.tolist(), a.storage.warm_len.tolist(), a.storage.win_len.tolist()) == (
+            b.storage.code_len.tolist(), b.storage.warm_len.tolist(), b.storage.win_len.tolist())
+        n = a.storage.code_len.tolist()[0]
+        assert torch.equal(a.storage.k_codes[:, :, :n], b.storage.k_codes[:, :, :n])
+        w = a.storage.warm_len.tolist()[0]
+        assert torch.equal(a.storage.warm_v_codes[:, :, :w], b.storage.warm_v_codes[:, :, :w])
+        w = a.storage.win_len.tolist()[0]
+        torch.testing.assert_close(a.storage.win_k[:, :, :w], b.storage.win_k[:, :, :w], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("key_norm", ["per_pair", "per_channel", "mean"])
@@ -167,11 +167,11 @@ def test_normalization_statistics_match_a_float64_reference(key_norm):
         if key_norm == "per_pair":
             pair = ((k_std[:, :half] ** 2 + k_std[:, half:] ** 2) / 2).sqrt()
             k_std = torch.cat([pair, pair], -1)
-        torch.testing.assert_close(layer.norm_mean[0, row].double(), k.mean(1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.norm_mean[1, row].double(), v.mean(1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.norm_scale[1, row].double(), v_std, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.storage.codec.norm_mean[0, row].double(), k.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.storage.codec.norm_mean[1, row].double(), v.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.storage.codec.norm_scale[1, row].double(), v_std, rtol=1e-5, atol=1e-6)
         expected = torch.ones_like(k_std) if key_norm == "mean" else k_std
-        torch.testing.assert_close(layer.norm_scale[0, row].double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.storage.codec.norm_scale[0, row].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_shorter_than_min_evict_tokens_is_quantized_not_evicted():
@@ -182,10 +182,10 @@ def test_chunk_shorter_than_min_evict_tokens_is_quantized_not_evicted():
     cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=256, **overrides)
     with torch.no_grad():
         model(torch.randint(1, 256, (1, 200), generator=gen), past_key_values=cache)
-        first = cache.layers[0]._host_code_len[0]
+        first = cache.layers[0].storage.code_len.tolist()[0]
         model(torch.randint(1, 256, (1, 40), generator=gen), past_key_values=cache)
     assert first == round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4 - 16  # the long chunk evicted
-    assert cache.layers[0]._host_code_len[0] == first + 40  # the short one only pushed 40 tokens into codes
+    assert cache.layers[0].storage.code_len.tolist()[0] == first + 40  # the short one only pushed 40 tokens into codes
     assert cache.get_seq_length() == 240
 
 
@@ -202,12 +202,12 @@ def test_warm_tier_holds_the_newest_tokens_at_warm_bits_and_hands_them_on_once()
         model(ids, past_key_values=cache)
     layer = cache.layers[1]
     # 100 tokens: 4 sinks, 16 in the window, 80 compressed: 48 coded at K4V2, the newest 32 in the tier.
-    assert (layer._host_code_len, layer._host_warm_len, layer._host_win_len) == ([48], [32], [16])
-    assert torch.equal(layer.warm_pos[0, 0].long(), torch.arange(52, 84))
-    warm_k, warm_v = layer._warm_floats(layer._warm_tensors(), layer.warm_pos)
-    past_k, past_v = ops.dequant_kv(layer.k_codes[:, :, :48], layer.k_scales[:, :, :48], layer.v_codes[:, :, :48],
-                                    layer.v_scales[:, :, :48], torch.arange(4, 52).expand(1, 1, 48),
-                                    *layer._codec_args())
+    assert (layer.storage.code_len.tolist(), layer.storage.warm_len.tolist(), layer.storage.win_len.tolist()) == ([48], [32], [16])
+    assert torch.equal(layer.storage.warm_pos[0, 0].long(), torch.arange(52, 84))
+    warm_k, warm_v = layer.storage.decode_warm(layer.storage.warm_tensors(), layer.storage.warm_pos)
+    past_k, past_v = ops.dequant_kv(layer.storage.k_codes[:, :, :48], layer.storage.k_scales[:, :, :48], layer.storage.v_codes[:, :, :48],
+                                    layer.storage.v_scales[:, :, :48], torch.arange(4, 52).expand(1, 1, 48),
+                                    *layer.storage.codec.as_op_args())
 
     def rel(x, y):
         return float((x - y).pow(2).mean() / y.pow(2).mean())
@@ -215,15 +215,15 @@ def test_warm_tier_holds_the_newest_tokens_at_warm_bits_and_hands_them_on_once()
     keys, values = ref.layers[1].keys, ref.layers[1].values
     assert rel(warm_k, keys[:, :, 52:84]) < 0.03 and rel(warm_v, values[:, :, 52:84]) < 0.03
     assert rel(past_v, values[:, :, 4:52]) > 5 * rel(warm_v, values[:, :, 52:84])  # 2-bit past vs 4-bit tier
-    expected = (torch.zeros(1, layer.heads, 32, 32, dtype=torch.uint8), torch.zeros(1, layer.heads, 32, dtype=torch.uint8),
-                torch.zeros(1, layer.heads, 32, 16, dtype=torch.uint8), torch.zeros(1, layer.heads, 32, dtype=torch.uint8))
-    ops.write_kv(*expected, warm_k, warm_v, layer.warm_pos.long(), torch.tensor([0]), torch.tensor([32]),
-                 *layer._codec_args())
+    expected = (torch.zeros(1, layer.storage.heads, 32, 32, dtype=torch.uint8), torch.zeros(1, layer.storage.heads, 32, dtype=torch.uint8),
+                torch.zeros(1, layer.storage.heads, 32, 16, dtype=torch.uint8), torch.zeros(1, layer.storage.heads, 32, dtype=torch.uint8))
+    ops.write_kv(*expected, warm_k, warm_v, layer.storage.warm_pos.long(), torch.tensor([0]), torch.tensor([32]),
+                 *layer.storage.codec.as_op_args())
     with torch.no_grad():
         model(more, past_key_values=cache)
     for name, want in zip(("k_codes", "k_scales", "v_codes", "v_scales"), expected):
-        assert torch.equal(getattr(layer, name)[:, :, 48:80], want), name
-    assert layer._host_code_len == [80 + 40 - 32] and layer._host_warm_len == [32]
+        assert torch.equal(getattr(layer.storage, name)[:, :, 48:80], want), name
+    assert layer.storage.code_len.tolist() == [80 + 40 - 32] and layer.storage.warm_len.tolist() == [32]
 
 
 def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lower():
@@ -246,10 +246,10 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
     assert [layer.key_kl for layer in cache.layers] == kls  # deterministic, measured before any code is written
     for layer in cache.layers:
         assert layer.key_bits == (3 if layer.key_kl < threshold else 4)
-        assert layer.k_codes.shape[-1] == layer.key_bits * layer.head_dim // 8
+        assert layer.storage.k_codes.shape[-1] == layer.key_bits * layer.storage.head_dim // 8
     assert sorted(layer.key_bits for layer in cache.layers)[:3] == [3, 3, 4]
     expected = 64 * 64 * 4 + sum(
-        cache.preset.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity,
+        cache.preset.layer_bytes(batch=2, kv_heads=layer.storage.heads, head_dim=layer.storage.head_dim, capacity=layer.storage.capacity,
                                  itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2,
                                  bits=(layer.key_bits, layer.value_bits)) for layer in cache.layers)
     report = cache.memory_report()
@@ -267,12 +267,12 @@ def test_a_short_turn_keeps_the_warm_tier_full():
     with torch.no_grad():
         model(torch.randint(1, 256, (1, 100), generator=gen), past_key_values=cache)
         layer = cache.layers[0]
-        tier_before = layer.warm_pos[0, 0].clone()
+        tier_before = layer.storage.warm_pos[0, 0].clone()
         model(torch.randint(1, 256, (1, 5), generator=gen), past_key_values=cache)
-    assert (layer._host_code_len, layer._host_warm_len, layer._host_win_len) == ([53], [32], [16])
+    assert (layer.storage.code_len.tolist(), layer.storage.warm_len.tolist(), layer.storage.win_len.tolist()) == ([53], [32], [16])
     # Time order: codes 4..56, the tier 57..88, the window 89..104.
-    assert torch.equal(layer.warm_pos[0, 0].long(), torch.cat([tier_before[5:].long(), torch.arange(84, 89)]))
-    assert torch.equal(layer.warm_pos[0, 0].long(), torch.arange(57, 89))
+    assert torch.equal(layer.storage.warm_pos[0, 0].long(), torch.cat([tier_before[5:].long(), torch.arange(84, 89)]))
+    assert torch.equal(layer.storage.warm_pos[0, 0].long(), torch.arange(57, 89))
 
 
 def test_reset_then_reuse_gives_what_a_fresh_cache_gives():
@@ -320,13 +320,13 @@ def test_reserve_past_int16_widens_stored_positions():
     with torch.no_grad():
         model(ids, past_key_values=cache)
     layer = cache.layers[0]
-    assert layer.code_pos.dtype == layer.warm_pos.dtype == torch.int16
-    before = layer.warm_pos.clone()
+    assert layer.storage.code_pos.dtype == layer.storage.warm_pos.dtype == torch.int16
+    before = layer.storage.warm_pos.clone()
     cache.reserve(40_000)  # a long next turn: positions past 32,767 must fit
-    assert layer.code_pos.dtype == layer.warm_pos.dtype == torch.int32
-    assert torch.equal(layer.warm_pos.long(), before.long())
+    assert layer.storage.code_pos.dtype == layer.storage.warm_pos.dtype == torch.int32
+    assert torch.equal(layer.storage.warm_pos.long(), before.long())
     expected = 64 * 64 * 4 + sum(
-        cache.preset.layer_bytes(batch=1, kv_heads=lay.heads, head_dim=lay.head_dim, capacity=lay.capacity, itemsize=4,
+        cache.preset.layer_bytes(batch=1, kv_heads=lay.storage.heads, head_dim=lay.storage.head_dim, capacity=lay.storage.capacity, itemsize=4,
                                  rotary_dim=lay.rotary.rotary_dim, position_bytes=4) for lay in cache.layers)
     assert cache.memory_report().allocated_bytes == expected
 
@@ -340,9 +340,9 @@ def test_a_layer_relaxed_below_warm_bits_gets_its_warm_tier():
     with torch.no_grad():
         prefill_and_decode(model, torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(37)), cache, 9)
     for layer in cache.layers:
-        assert (layer.key_bits, layer.warm_cap, layer._host_warm_len) == (3, 32, [32])
+        assert (layer.key_bits, layer.storage.warm_cap, layer.storage.warm_len.tolist()) == (3, 32, [32])
     expected = 64 * 64 * 4 + sum(
-        cache.preset.layer_bytes(batch=1, kv_heads=lay.heads, head_dim=lay.head_dim, capacity=lay.capacity, itemsize=4,
+        cache.preset.layer_bytes(batch=1, kv_heads=lay.storage.heads, head_dim=lay.storage.head_dim, capacity=lay.storage.capacity, itemsize=4,
                                  rotary_dim=lay.rotary.rotary_dim, position_bytes=2, bits=(lay.key_bits, lay.value_bits))
         for lay in cache.layers)
     assert cache.memory_report().allocated_bytes == expected
@@ -368,7 +368,7 @@ def test_reconstruction_scores_are_the_attention_of_a_rereading_through_a_dynami
                           output_attentions=True)
     r_cap = RECON["recent_window"]
     for layer, attn in zip(layers, again.attentions):  # attn [B, Hq, 90, 180]
-        want = attn[..., :90].unflatten(1, (layer.heads, -1)).amax(dim=(2, 3))
+        want = attn[..., :90].unflatten(1, (layer.storage.heads, -1)).amax(dim=(2, 3))
         # transformers' eager attention takes its softmax in float32 even for float64 models
         torch.testing.assert_close(layer._recon_scores[..., r_cap:], want, rtol=0, atol=1e-6)
 
@@ -436,10 +436,10 @@ def test_second_turn_scores_take_their_softmax_over_the_codes_of_the_first_turn_
         model._nqcompile_reconstruct_hook.remove()
         model(turn2, past_key_values=cache)
         layer = cache._reread(model, turn2, None)[0]
-        assert layer._host_code_len[0] > 0
-        n, w = layer._host_code_len[0], int(layer.win_len[0])
-        held = [(layer.sink_k[:, :, :4], layer.sink_v[:, :, :4]), (layer.k_codes[:, :, :n], layer.v_codes[:, :, :n]),
-                (layer.win_k[:, :, :w], layer.win_v[:, :, :w]), layer._deferred[1:3]]
+        assert layer.storage.code_len.tolist()[0] > 0
+        n, w = layer.storage.code_len.tolist()[0], int(layer.storage.win_len[0])
+        held = [(layer.storage.sink_k[:, :, :4], layer.storage.sink_v[:, :, :4]), (layer.storage.k_codes[:, :, :n], layer.storage.v_codes[:, :, :n]),
+                (layer.storage.win_k[:, :, :w], layer.storage.win_v[:, :, :w]), (layer.deferred.key, layer.deferred.value)]
         keys, values = torch.cat([k for k, _ in held], 2), torch.cat([v for _, v in held], 2)
         dyn = DynamicCache()
         for i in range(len(cache.layers)):  # every layer holds layer 0's tokens: only layer 0 is compared
@@ -448,6 +448,6 @@ def test_second_turn_scores_take_their_softmax_over_the_codes_of_the_first_turn_
         again = reference(turn2, past_key_values=dyn, position_ids=torch.arange(start, start + 70)[None],
                           output_attentions=True)
     attn = again.attentions[0]  # [1, Hq, 70, held + 70 + 70]
-    want = attn[..., 4 + n:keys.shape[2]].unflatten(1, (layer.heads, -1)).amax(dim=(2, 3))  # window, then turn 2
+    want = attn[..., 4 + n:keys.shape[2]].unflatten(1, (layer.storage.heads, -1)).amax(dim=(2, 3))  # window, then turn 2
     got = torch.cat([layer._recon_scores[..., :w], layer._recon_scores[..., RECON["recent_window"]:]], -1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -56,7 +56,7 @@ def test_generate_keeps_the_model_dtype(dtype):
     assert out.sequences.shape == (1, 100)
     cache = out.past_key_values
     assert isinstance(cache, nqcompile.NexusCache)
-    assert cache.layers[0].win_k.dtype == dtype and cache.layers[0].k_codes.dtype == torch.uint8
+    assert cache.layers[0].storage.win_k.dtype == dtype and cache.layers[0].storage.k_codes.dtype == torch.uint8
 
 
 def test_reconstruction_needs_token_ids():

@@ -1,6 +1,14 @@
-"""``NexusCache`` (:mod:`.nexus_cache`) and its layers (:mod:`.layer`)."""
+"""``NexusCache`` and what it is made of.
+
+* :mod:`.nexus_cache`: the ``transformers.Cache`` (one layer per attention layer, the re-reading driver).
+* :mod:`.layer`: ``NexusLayer``, transformers' cache-layer face of one compressed layer.
+* :mod:`.storage`: ``LayerStorage`` (every buffer and length) and ``CodecParams``.
+* :mod:`.tiers`: the exact window, warm tier and window flush. :mod:`.compress`: chunk-end compression.
+* :mod:`.reread`: chunks deferred for their re-reading (KVzip). :mod:`.memory`: the byte accounting.
+"""
 
 from .layer import NexusLayer
-from .nexus_cache import CacheMemoryReport, NexusCache
+from .memory import CacheMemoryReport
+from .nexus_cache import NexusCache
 
 __all__ = ["NexusCache", "CacheMemoryReport", "NexusLayer"]

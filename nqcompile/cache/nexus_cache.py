@@ -9,65 +9,19 @@ for every byte the cache holds (:class:`CacheMemoryReport`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..models.rope_spec import RotarySpec
 from .layer import NexusLayer
+from .memory import CacheMemoryReport, memory_report
 from ..models.compat import cache_kwarg_name
 from ..policy import layer_eviction_ratios
 from ..policy.reconstruction import REREAD_TOKENS, allocate_across_layers
 from ..presets import Preset, get_preset
 
-__all__ = ["NexusCache", "CacheMemoryReport"]
-
-
-@dataclass(frozen=True)
-class CacheMemoryReport:
-    """What a :class:`NexusCache` holds, in bytes counted from the ``nbytes`` of every tensor it owns.
-
-    Attributes:
-        logical_tokens: tokens seen per sequence (padding included), first layer.
-        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + warm tier + window),
-            first compressed layer.
-        allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
-            positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
-        unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
-        bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
-            (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
-        layer_key_bits: key bits of each quantized layer, in layer order (``relax_key_kl`` lowers some at
-            the first chunk).
-        compression_ratio: ``bf16_bytes / allocated_bytes``.
-    """
-
-    logical_tokens: int
-    physical_tokens: int
-    allocated_bytes: int
-    unused_capacity_bytes: int
-    bf16_bytes: int
-    layer_key_bits: tuple[int, ...] = ()
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.bf16_bytes / self.allocated_bytes if self.allocated_bytes else float("nan")
-
-    def __str__(self) -> str:
-        mib = 2.0**20
-        lines = [
-            f"logical tokens (per sequence)     {self.logical_tokens:>12,}",
-            f"physical tokens (all sequences)   {self.physical_tokens:>12,}",
-            f"bf16 cache of the same tokens     {self.bf16_bytes / mib:>12.3f} MiB",
-            f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
-            f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
-            f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
-        ]
-        if self.layer_key_bits:
-            bits = self.layer_key_bits
-            lines.append("quantized layers by key bits      "
-                         + ", ".join(f"{b} bits: {bits.count(b)}" for b in sorted(set(bits))))
-        return "\n".join(lines)
+__all__ = ["NexusCache"]
 
 
 class NexusCache(Cache):
@@ -150,7 +104,7 @@ class NexusCache(Cache):
     @property
     def awaiting_reconstruction(self) -> bool:
         """True between a prefill chunk that ``scorer="reconstruction"`` defers and :meth:`reconstruct`."""
-        return any(isinstance(layer, NexusLayer) and layer._deferred is not None for layer in self.layers)
+        return any(isinstance(layer, NexusLayer) and layer.deferred is not None for layer in self.layers)
 
     @torch.no_grad()
     def reconstruct(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
@@ -184,15 +138,15 @@ class NexusCache(Cache):
 
     def _reread(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[NexusLayer]:
         """The re-reading of :meth:`reconstruct`; returns the layers whose chunk it scored."""
-        deferred = [layer for layer in self.layers if isinstance(layer, NexusLayer) and layer._deferred is not None]
+        deferred = [layer for layer in self.layers if isinstance(layer, NexusLayer) and layer.deferred is not None]
         if not deferred:
             raise RuntimeError("no prefill chunk awaits reconstruction in this NexusCache")
-        chunk, batch = deferred[0]._deferred[1].shape[2], deferred[0].batch
+        chunk, batch = deferred[0].deferred.key.shape[2], deferred[0].storage.batch
         logical = deferred[0].logical_len
         if input_ids.dim() != 2 or tuple(input_ids.shape) != (batch, chunk):
             raise ValueError(f"the deferred chunk is {batch} x {chunk} tokens, got input_ids of shape "
                              f"{tuple(input_ids.shape)}")
-        device = deferred[0].device
+        device = deferred[0].storage.device
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, logical):
             raise ValueError(f"attention_mask must cover every token seen, ({batch}, {logical}), got "
                              f"{tuple(attention_mask.shape)}")
@@ -230,32 +184,9 @@ class NexusCache(Cache):
     def reserve(self, new_tokens: int) -> None:
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""
         for layer in self.layers:
-            if isinstance(layer, NexusLayer) and layer.max_cache_len is not None:
-                layer.max_cache_len = max(layer.max_cache_len, layer.logical_len + new_tokens)
-                if layer.is_initialized:
-                    layer.widen_positions()
+            if isinstance(layer, NexusLayer):
+                layer.reserve(new_tokens)
 
     def memory_report(self) -> CacheMemoryReport:
         """Bytes actually held, counted from ``nbytes`` of every distinct tensor storage (see :class:`CacheMemoryReport`)."""
-        seen: set[int] = set()
-        allocated = unused = bf16 = 0
-        logical = physical = None
-        key_bits = []
-        for layer in self.layers:
-            tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
-                k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
-            for t in tensors.values():
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in seen or t.untyped_storage().nbytes() == 0:
-                    seen.add(ptr)
-                    allocated += t.untyped_storage().nbytes()
-            if isinstance(layer, NexusLayer) and layer.is_initialized:
-                unused += layer.unused_bytes()
-                bf16 += 4 * layer.batch * layer.heads * layer.head_dim * layer.logical_len
-                logical = layer.logical_len if logical is None else logical
-                key_bits += [layer.key_bits] if layer.kind != "exact" else []
-                physical = layer.physical_tokens() if physical is None else physical
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                b, h, _, d = layer.keys.shape
-                bf16 += 4 * b * h * d * layer.get_seq_length()
-        return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16, tuple(key_bits))
+        return memory_report(self.layers)

@@ -1,0 +1,85 @@
+"""Honest accounting of a :class:`~nqcompile.NexusCache`: every byte it holds, against a bf16 cache of the same tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layer import NexusLayer
+
+__all__ = ["CacheMemoryReport", "memory_report"]
+
+
+@dataclass(frozen=True)
+class CacheMemoryReport:
+    """What a :class:`NexusCache` holds, in bytes counted from the ``nbytes`` of every tensor it owns.
+
+    Attributes:
+        logical_tokens: tokens seen per sequence (padding included), first layer.
+        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + warm tier + window),
+            first compressed layer.
+        allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
+            positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
+        unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
+        bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
+            (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
+        layer_key_bits: key bits of each quantized layer, in layer order (``relax_key_kl`` lowers some at
+            the first chunk).
+        compression_ratio: ``bf16_bytes / allocated_bytes``.
+    """
+
+    logical_tokens: int
+    physical_tokens: int
+    allocated_bytes: int
+    unused_capacity_bytes: int
+    bf16_bytes: int
+    layer_key_bits: tuple[int, ...] = ()
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bf16_bytes / self.allocated_bytes if self.allocated_bytes else float("nan")
+
+    def __str__(self) -> str:
+        mib = 2.0**20
+        lines = [
+            f"logical tokens (per sequence)     {self.logical_tokens:>12,}",
+            f"physical tokens (all sequences)   {self.physical_tokens:>12,}",
+            f"bf16 cache of the same tokens     {self.bf16_bytes / mib:>12.3f} MiB",
+            f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
+            f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
+            f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
+        ]
+        if self.layer_key_bits:
+            bits = self.layer_key_bits
+            lines.append("quantized layers by key bits      "
+                         + ", ".join(f"{b} bits: {bits.count(b)}" for b in sorted(set(bits))))
+        return "\n".join(lines)
+
+
+def memory_report(layers) -> CacheMemoryReport:
+    """Account for ``layers`` (a cache's ``NexusLayer`` and transformers layers): the ``nbytes`` of every distinct
+    tensor storage they hold, the unused capacity, and what a bf16 ``DynamicCache`` would hold for the same tokens."""
+    seen: set[int] = set()
+    allocated = unused = bf16 = 0
+    logical = physical = None
+    key_bits = []
+    for layer in layers:
+        tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
+            k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
+        for t in tensors.values():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen or t.untyped_storage().nbytes() == 0:
+                seen.add(ptr)
+                allocated += t.untyped_storage().nbytes()
+        if isinstance(layer, NexusLayer) and layer.storage is not None:
+            st = layer.storage
+            unused += st.unused_bytes()
+            bf16 += 4 * st.batch * st.heads * st.head_dim * layer.logical_len
+            logical = layer.logical_len if logical is None else logical
+            key_bits += [layer.key_bits] if layer.kind != "exact" else []
+            physical = layer.physical_tokens() if physical is None else physical
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            b, h, _, d = layer.keys.shape
+            bf16 += 4 * b * h * d * layer.get_seq_length()
+    return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16, tuple(key_bits))

@@ -1,0 +1,331 @@
+"""What one compressed layer holds: :class:`LayerStorage` (every buffer and length) and :class:`CodecParams`.
+
+Per sequence of the batch a layer holds, in time order:
+
+* ``sink_tokens`` attention sinks, exact, in the model's dtype (``sink_k``, ``sink_v``, ``sink_len``);
+* the compressed past: packed codes, one-byte scales and (when the layer evicts) positions, in buffers of
+  static capacity laid out as :mod:`nqcompile.ops.layout` documents (``k_codes`` ... ``code_len``);
+* optionally a warm tier of the ``warm_cap`` newest compressed tokens, coded at ``warm_bits``
+  (``warm_k_codes`` ... ``warm_pos``, ``warm_len``);
+* a recent window of ``recent_window`` exact tokens (``win_k``, ``win_v``) with their positions.
+
+The tiers and the window flush (:mod:`.tiers`), the chunk-end compression (:mod:`.compress`) and the
+re-reading of deferred chunks (:mod:`.reread`) are functions over this object; the transformers face of the
+layer is :class:`~nqcompile.cache.layer.NexusLayer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..codec.hadamard import hadamard_matrix
+from ..models.rope_spec import RotarySpec
+from ..ops.layout import round_up_to_block
+from ..presets import Preset
+
+__all__ = ["CodecParams", "LayerStorage", "first_slots", "ordered_index", "scatter_tokens"]
+
+
+@dataclass(frozen=True, eq=False)
+class CodecParams:
+    """The codec arguments every storage op takes after its data tensors, in the ops' order.
+
+    Attributes:
+        hadamard: ``[D, D]`` float32 orthonormal Hadamard matrix.
+        inv_freq: ``[rotary_dim / 2]`` float32 RoPE inverse frequencies.
+        norm_mean, norm_scale: ``[2, B, H, D]`` float32 per-channel normalization (``[0]`` pre-RoPE keys,
+            ``[1]`` values), filled in place at the first chunk.
+        kind: codec name (``"e8"``, a scalar baseline) or ``"exact"``.
+        key_bits, value_bits: bits per element (0 for ``"exact"``).
+        attention_scaling, rotary_dim, layout: the layer's RoPE (:class:`~nqcompile.models.rope_spec.RotarySpec`).
+    """
+
+    hadamard: torch.Tensor
+    inv_freq: torch.Tensor
+    norm_mean: torch.Tensor
+    norm_scale: torch.Tensor
+    kind: str
+    key_bits: int
+    value_bits: int
+    attention_scaling: float
+    rotary_dim: int
+    layout: str
+
+    def as_op_args(self) -> tuple:
+        """The positional codec arguments of :func:`nqcompile.ops.write_kv` and the other storage ops."""
+        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, self.key_bits,
+                self.value_bits, self.attention_scaling, self.rotary_dim, self.layout)
+
+    def with_bits(self, key_bits: int, value_bits: int) -> "CodecParams":
+        """The same parameters (same tensors) at other bit widths."""
+        return dataclasses.replace(self, key_bits=key_bits, value_bits=value_bits)
+
+
+class LayerStorage:
+    """Every buffer and length of one compressed layer (module docstring), allocated for one batch.
+
+    Args:
+        preset: the cache's preset (sink, window and warm-tier sizes).
+        bits: ``(key_bits, value_bits)``, or ``None`` for exact storage in the model's dtype.
+        store_positions: keep each coded token's position (a layer that evicts; otherwise positions are
+            implicit, ``code_pos0 + slot``).
+        rotary: the layer's RoPE.
+        batch, heads, head_dim: ``B``, KV heads ``H``, ``D``. dtype, device: the model's.
+        position_dtype: ``torch.int16`` or ``torch.int32`` for stored positions.
+
+    Attributes:
+        host_code_len, host_warm_len, host_win_len: per-sequence host copies of ``code_len``, ``warm_len``,
+            ``win_len`` (Python ints).
+    """
+
+    def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, store_positions: bool, rotary: RotarySpec,
+                 batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 position_dtype: torch.dtype):
+        self.preset, self.store_positions, self.position_dtype = preset, store_positions, position_dtype
+        self.batch, self.heads, self.head_dim, self.dtype, self.device = batch, heads, head_dim, dtype, device
+        kw = dict(dtype=dtype, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        s, r = preset.sink_tokens, preset.recent_window
+        self.sink_k, self.sink_v = torch.zeros(batch, heads, s, head_dim, **kw), torch.zeros(batch, heads, s, head_dim, **kw)
+        self.sink_len = torch.zeros(batch, **i64)
+        self.win_k, self.win_v = torch.zeros(batch, heads, r, head_dim, **kw), torch.zeros(batch, heads, r, head_dim, **kw)
+        self.win_pos = torch.zeros(batch, r, **i64)
+        self.win_len = torch.zeros(batch, **i64)
+        self.code_len = torch.zeros(batch, **i64)
+        self.code_pos0 = torch.zeros(batch, **i64)
+        f32 = dict(dtype=torch.float32, device=device)
+        key_bits, value_bits = bits if bits is not None else (0, 0)
+        self.codec = CodecParams(
+            hadamard=hadamard_matrix(head_dim, device=device), inv_freq=rotary.inv_freq.to(device),
+            norm_mean=torch.zeros(2, batch, heads, head_dim, **f32), norm_scale=torch.ones(2, batch, heads, head_dim, **f32),
+            kind="exact" if bits is None else preset.codec, key_bits=key_bits, value_bits=value_bits,
+            attention_scaling=float(rotary.attention_scaling), rotary_dim=int(rotary.rotary_dim), layout=rotary.layout)
+        self.host_code_len = [0] * batch
+        self.host_win_len = [0] * batch
+        self._allocate_codes(0)
+        self._allocate_warm()
+
+    # ------------------------------------------------------------------ shape and allocation
+    @property
+    def kind(self) -> str:
+        return self.codec.kind
+
+    @property
+    def warm_codec(self) -> CodecParams:
+        """Codec parameters of the warm tier (``warm_bits`` for keys and values)."""
+        return self.codec.with_bits(self.preset.warm_bits, self.preset.warm_bits)
+
+    def set_key_bits(self, key_bits: int) -> None:
+        """Store keys at ``key_bits`` from now on; only before anything is coded (the buffers are reallocated)."""
+        if self.host_code_len != [0] * self.batch or int(self.warm_len.sum()):
+            raise RuntimeError("key bits can only change before any token is coded")
+        self.codec = self.codec.with_bits(key_bits, self.codec.value_bits)
+        self._allocate_codes(0)
+        self._allocate_warm()
+
+    def _code_row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+        d, c = self.head_dim, self.codec
+        if c.kind == "exact":
+            return (d,), (d,), self.dtype
+        return (c.key_bits * d // 8,), (c.value_bits * d // 8,), torch.uint8
+
+    def _allocate_codes(self, capacity: int) -> None:
+        """(Re)allocate the code buffers with ``capacity`` token slots, copying what is held bit for bit."""
+        krow, vrow, dtype = self._code_row_shapes()
+        b, h = self.batch, self.heads
+        scale_cap = 0 if self.kind == "exact" else capacity
+        new = {
+            "k_codes": torch.zeros(b, h, capacity, *krow, dtype=dtype, device=self.device),
+            "v_codes": torch.zeros(b, h, capacity, *vrow, dtype=dtype, device=self.device),
+            "k_scales": torch.zeros(b, h, scale_cap, dtype=torch.uint8, device=self.device),
+            "v_scales": torch.zeros(b, h, scale_cap, dtype=torch.uint8, device=self.device),
+        }
+        if self.store_positions:
+            new["code_pos"] = torch.zeros(b, h, capacity, dtype=self.position_dtype, device=self.device)
+        for name, tensor in new.items():
+            old = getattr(self, name, None)
+            if old is not None and old.shape[2] > 0:
+                tensor[:, :, : old.shape[2]] = old
+            setattr(self, name, tensor)
+        self.capacity = capacity
+
+    def _allocate_warm(self) -> None:
+        """(Re)allocate an empty warm tier of ``warm_cap`` slots for the layer's bits (``Preset.warm_tokens_for``)."""
+        c = self.codec
+        self.warm_cap = self.preset.warm_tokens_for((c.key_bits, c.value_bits)) if c.kind != "exact" else 0
+        b, h, w = self.batch, self.heads, self.warm_cap
+        row = self.preset.warm_bits * self.head_dim // 8
+        u8 = dict(dtype=torch.uint8, device=self.device)
+        self.warm_k_codes, self.warm_v_codes = torch.zeros(b, h, w, row, **u8), torch.zeros(b, h, w, row, **u8)
+        self.warm_k_scales, self.warm_v_scales = torch.zeros(b, h, w, **u8), torch.zeros(b, h, w, **u8)
+        self.warm_pos = torch.zeros(b, h, w, dtype=self.position_dtype, device=self.device)
+        self.warm_len = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self.host_warm_len = [0] * b
+
+    def widen_positions(self, dtype: torch.dtype) -> None:
+        """Store positions as ``dtype`` from now on (int32 once the logical capacity no longer fits int16)."""
+        self.position_dtype = dtype
+        for name in ("code_pos", "warm_pos"):
+            if name in self.__dict__ and getattr(self, name).dtype != dtype:
+                setattr(self, name, getattr(self, name).to(dtype))
+
+    def ensure_capacity(self, needed: int, spare: int | None) -> None:
+        """Make room for ``needed`` coded tokens per sequence, plus ``spare`` more (the tokens still to come, when
+        the logical capacity is known; ``None``: grow by half)."""
+        if needed <= self.capacity:
+            return
+        target = needed + spare if spare is not None else max(needed, int(self.capacity * 1.5))
+        self._allocate_codes(round_up_to_block(target))
+
+    # ------------------------------------------------------------------ reading and writing
+    def code_positions(self) -> torch.Tensor:
+        """Positions of the code slots, ``[B, H or 1, C]`` (stored, or implicit ``code_pos0 + slot``)."""
+        if self.store_positions:
+            return self.code_pos
+        slots = torch.arange(self.capacity, device=self.device)
+        return (self.code_pos0[:, None] + slots[None, :])[:, None, :]
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
+        """Quantize and append ``count[b]`` (``[B]`` int64) of the tokens ``[B, H, n, D]`` (post-RoPE keys, values;
+        ``positions`` ``[B, H, n]``) at each sequence's physical end; capacity must already suffice."""
+        if key.shape[2] == 0:
+            return
+        ops.write_kv(self.k_codes, self.k_scales, self.v_codes, self.v_scales, key, value,
+                     positions.to(torch.int64), self.code_len, count, *self.codec.as_op_args())
+        if not self.store_positions:
+            starts = (self.code_len == 0) & (count > 0)
+            self.code_pos0 = torch.where(starts, positions[:, 0, 0].to(torch.int64), self.code_pos0)
+        else:
+            scatter_tokens(self.code_pos, positions, self.code_len, count)
+        self.code_len += count
+        self.host_code_len = [c + n for c, n in zip(self.host_code_len, count.tolist())]
+
+    def take(self, select: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, ppos: torch.Tensor | None,
+             prefix: str) -> None:
+        """Replace the ``"sink"`` or ``"win"`` buffers by the selected tokens (``select`` ``[B, L]``, in order) of
+        ``pk``/``pv`` ``[B, H, L, D]`` (positions ``ppos`` ``[B, L]``, the window's)."""
+        buf_k = getattr(self, f"{prefix}_k")
+        cap = buf_k.shape[2]
+        index = ordered_index(select, cap)
+        keep = first_slots(select.sum(1), cap)
+        hidx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        k = torch.where(keep[:, None, :, None], pk.gather(2, hidx), torch.zeros((), dtype=pk.dtype))
+        v = torch.where(keep[:, None, :, None], pv.gather(2, hidx), torch.zeros((), dtype=pv.dtype))
+        setattr(self, f"{prefix}_k", k.contiguous())
+        setattr(self, f"{prefix}_v", v.contiguous())
+        if ppos is not None:
+            setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
+
+    def warm_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The warm tier's ``(k_codes, k_scales, v_codes, v_scales)``."""
+        return self.warm_k_codes, self.warm_k_scales, self.warm_v_codes, self.warm_v_scales
+
+    def decode_warm(self, tensors: tuple[torch.Tensor, ...], positions: torch.Tensor):
+        """Decode warm-tier codes (``k_codes, k_scales, v_codes, v_scales``) at ``positions`` ``[B, H, n]``:
+        float32 keys (RoPE re-applied) and values ``[B, H, n, D]``."""
+        return ops.dequant_kv(*tensors, positions, *self.warm_codec.as_op_args())
+
+    def exact_segment(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sinks, warm tier (decoded) and window: keys/values ``[B, H, S + W + R, D]``, validity ``[B, S + W + R]``."""
+        ks, vs, valid = [self.sink_k], [self.sink_v], [first_slots(self.sink_len, self.sink_k.shape[2])]
+        if self.warm_cap:
+            wk, wv = self.decode_warm(self.warm_tensors(), self.warm_pos)
+            ks, vs, valid = ks + [wk], vs + [wv], valid + [first_slots(self.warm_len, self.warm_cap)]
+        ks, vs, valid = ks + [self.win_k], vs + [self.win_v], valid + [first_slots(self.win_len, self.win_k.shape[2])]
+        return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valid, 1)
+
+    def decode_codes(self) -> torch.Tensor:
+        """Keys of the coded tokens, ``[B, H, n, D]`` (``n``: the longest sequence's ``code_len``), float32 post-RoPE
+        (the model's dtype for exact storage)."""
+        n = max(self.host_code_len)
+        if self.kind == "exact":
+            return self.k_codes[:, :, :n]
+        pos = self.code_positions()[:, :, :n].expand(-1, self.heads, -1)
+        return ops.dequant_kv(self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
+                              self.v_scales[:, :, :n], pos, *self.codec.as_op_args())[0]
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               scaling: float, code_len: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``query`` ``[B, Hq, q, D]`` over the codes and the exact ``keys``/``values`` ``[B, H, E, D]``
+        (``mask`` ``[B, q, E]``) through :func:`nqcompile.ops.dequant_attention`; ``code_len`` ``[B]`` or ``[B, q]``
+        limits the codes each query sees (default: all held)."""
+        n = max(self.host_code_len)  # slots past every sequence's end need no decoding
+        return ops.dequant_attention(
+            query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n], self.v_scales[:, :, :n],
+            self.code_positions()[:, :, :n], self.code_len if code_len is None else code_len, keys, values, mask,
+            *self.codec.as_op_args(), scaling)
+
+    def attend_chunk(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, real: torch.Tensor,
+                     scaling: float, held_back: tuple[torch.Tensor, ...] | None = None):
+        """Attention of ``q`` new tokens (keys/values ``[B, H, q, D]``, ``real`` ``[B, q]``) over the codes, the exact
+        segment, a chunk held back for its re-reading (``(keys, values, real)``, or None) and, causally, themselves.
+
+        Returns ``(out [B, Hq, q, D], keys [B, H, E, D], mask [B, q, E])``: the output and the exact keys and mask
+        it used (codes excluded).
+        """
+        q_len = key.shape[2]
+        ek, ev, valid = self.exact_segment()
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]
+        own = own | torch.eye(q_len, dtype=torch.bool, device=self.device)[None]
+        ks, vs, seen = [ek], [ev], [valid[:, None, :].expand(-1, q_len, -1)]
+        if held_back is not None:
+            hk, hv, hreal = held_back
+            ks, vs, seen = ks + [hk], vs + [hv], seen + [hreal[:, None, :].expand(-1, q_len, -1)]
+        keys, values, mask = torch.cat(ks + [key], 2), torch.cat(vs + [value], 2), torch.cat(seen + [own], -1)
+        return self.attend(query, keys, values, mask, scaling), keys, mask
+
+    # ------------------------------------------------------------------ accounting
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor held, by name (codec constants included)."""
+        held = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        held.update({f.name: getattr(self.codec, f.name) for f in dataclasses.fields(self.codec)
+                     if isinstance(getattr(self.codec, f.name), torch.Tensor)})
+        return held
+
+    def unused_bytes(self) -> int:
+        """Bytes preallocated for code, warm, sink and window slots not holding a token yet."""
+        b = max(self.batch, 1)
+        per_slot = sum(t[:, :, :1].nbytes for t in (self.k_codes, self.v_codes, self.k_scales, self.v_scales)
+                       if t.shape[2]) // b
+        if self.store_positions:
+            per_slot += self.code_pos[:, :, :1].nbytes // b
+        free_codes = sum(self.capacity - c for c in self.host_code_len)
+        exact_slot = 2 * self.heads * self.head_dim * self.sink_k.element_size()
+        free_exact = sum(self.win_k.shape[2] - w for w in self.host_win_len)
+        free_exact += int((self.sink_k.shape[2] - self.sink_len).sum())
+        warm_slot = sum(t[:, :, :1].nbytes for t in (*self.warm_tensors(), self.warm_pos) if t.shape[2]) // b
+        free_warm = sum(self.warm_cap - w for w in self.host_warm_len)
+        return free_codes * per_slot + free_exact * exact_slot + free_warm * warm_slot
+
+    def physical_tokens(self) -> int:
+        """Tokens held, summed over the batch: sinks, codes, warm tier and window."""
+        return (int(self.sink_len.sum()) + sum(self.host_code_len) + sum(self.host_warm_len)
+                + sum(self.host_win_len))
+
+
+def scatter_tokens(buf: torch.Tensor, values: torch.Tensor, dest: torch.Tensor, count: torch.Tensor) -> None:
+    """``buf[b, :, dest[b] + j] = values[b, :, j]`` for ``j < count[b]`` (``buf`` ``[B, H, C, ...]``, ``values``
+    ``[B, H, n, ...]``, ``dest`` and ``count`` ``[B]`` int64), cast to ``buf``'s dtype."""
+    j = torch.arange(values.shape[2], device=values.device)
+    b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
+    buf[b_idx, :, dest[b_idx] + j_idx] = values[b_idx, :, j_idx].to(buf.dtype)
+
+
+def first_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` bool: slot ``j`` of row ``b`` is one of the first ``lengths[b]`` (``[B]`` int64)."""
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
+
+
+def ordered_index(select: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices ``[B, width]`` of the True entries of ``select`` ``[B, L]`` in order (0 past the last)."""
+    if width == 0:
+        return select.new_zeros(select.shape[0], 0, dtype=torch.int64)
+    order = torch.where(select, torch.arange(select.shape[1], device=select.device)[None], select.shape[1])
+    index = order.sort(dim=1).values[:, :width]
+    if index.shape[1] < width:
+        index = torch.cat([index, index.new_full((index.shape[0], width - index.shape[1]), select.shape[1])], 1)
+    return torch.where(index < select.shape[1], index, 0)
