@@ -66,7 +66,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
                 kwargs[cache_arg] = NexusCache(model.config, chosen,
                                                        max_cache_len=inputs.shape[-1] + new_tokens)
             else:
-                cache.reserve(inputs.shape[-1] - cache.get_seq_length() + new_tokens)
+                cache.reserve(inputs.shape[-1] - cache.seen_tokens() + new_tokens)
         return original(*args, **kwargs)
 
     generate.__nqcompile_original__ = original

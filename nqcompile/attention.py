@@ -26,15 +26,17 @@ __all__ = ["ATTN_IMPLEMENTATION", "nexus_attention_forward", "register_attention
 ATTN_IMPLEMENTATION = "nexusquant"
 
 
-def _new_token_flags(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
-    """``[B, q]`` bool, False for padding among the new tokens, read off the diagonal of the 4D mask."""
+def _new_token_flags(attention_mask: torch.Tensor | None, seen: torch.Tensor | int, batch: int, q_len: int,
+                     device) -> torch.Tensor:
+    """``[B, q]`` bool, False for padding among the new tokens, read off the 4D mask at each new token's own
+    column (``seen + i``: the logical position of new token ``i``; ``seen`` may be a 0-d device tensor)."""
     if attention_mask is None:
         return torch.ones(batch, q_len, dtype=torch.bool, device=device)
     if attention_mask.dim() != 4:
         raise ValueError(f"nexusquant attention expects a 4D mask or None, got shape {tuple(attention_mask.shape)}")
-    kv = attention_mask.shape[-1]
-    idx = torch.arange(q_len, device=device)
-    diag = attention_mask[:, 0, idx, kv - q_len + idx]  # [B, q]
+    rows = attention_mask[:, 0, -q_len:]  # [B or 1, q, kv]
+    column = (torch.arange(q_len, device=device) + seen).view(1, q_len, 1).expand(rows.shape[0], q_len, 1)
+    diag = rows.gather(2, column)[..., 0]
     flags = diag if diag.dtype == torch.bool else diag == 0
     return flags.expand(batch, q_len)
 
@@ -71,7 +73,7 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if positions is None:
         positions = torch.arange(q_len, device=query.device)[None] + layer.get_seq_length()
     positions = positions.to(torch.int64).expand(batch, q_len)
-    real = _new_token_flags(attention_mask, batch, q_len, query.device)
+    real = _new_token_flags(attention_mask, layer.get_seq_length(), batch, q_len, query.device)
     out = layer.attend(query, real=real, positions=positions,
                        scaling=scaling if scaling is not None else head_dim**-0.5)
     return out.transpose(1, 2).contiguous(), None

@@ -97,7 +97,8 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
         key, value: ``[B, H, L, D]`` the chunk, post-RoPE, model dtype. real: ``[B, L]`` bool, False for padding.
         positions: ``[B, L]`` int64. scaling: softmax scale.
         first_chunk: the layer holds nothing yet (sinks, normalization statistics, key-bit trial).
-        spare: logical tokens still to come (capacity sizing), or ``None``.
+        spare: logical tokens still to come, for which the code buffers are sized
+            (:meth:`~nqcompile.cache.storage.LayerStorage.reserve_for_decode`), or ``None`` when unbounded.
         scores, budget: ``[B, H, R + L]`` scores and ``[B]`` keep counts that replace the scorer's and the
             nominal budget (reconstruction scoring).
 
@@ -136,10 +137,10 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
         index = ordered_index(middle, int(count.max()))[:, None].expand(-1, st.heads, -1)
         _check_contiguous(st, ppos, index, count)
     kept_pos = ppos[:, None, :].expand(-1, st.heads, -1).gather(2, index)
-    store_kept(st, ops.gather_tokens(pk, index), ops.gather_tokens(pv, index), kept_pos, count, spare=spare)
+    store_kept(st, ops.gather_tokens(pk, index), ops.gather_tokens(pv, index), kept_pos, count)
     st.take(sp.is_win, pk, pv, ppos, "win")
     st.win_len = sp.n_win
-    st.host_win_len = sp.n_win.tolist()
+    st.reserve_for_decode(spare)
     return key_kl
 
 

@@ -27,6 +27,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..codec.lattice import code_for
 from ..models.rope_spec import RotarySpec
+from ..ops.layout import BLOCK_TOKENS
 from ..policy import make_scorer
 from ..presets import Preset
 from .compress import ChunkPolicy, compress_chunk
@@ -69,7 +70,6 @@ class NexusLayer(CacheLayerMixin):
         ValueError: ``max_cache_len`` exceeded (the message gives the numbers).
     """
 
-    is_compileable = False
     is_sliding = False
     is_croppable = False
 
@@ -81,6 +81,8 @@ class NexusLayer(CacheLayerMixin):
         self.bits = bits
         self.rotary = rotary
         self.max_cache_len = max_cache_len
+        #: A decode step has static shapes and reads no length on the host once the logical capacity is known.
+        self.is_compileable = max_cache_len is not None
         self.policy = ChunkPolicy(
             preset=preset, eviction_ratio=eviction_ratio,
             scorer=None if preset.scorer == "reconstruction" else make_scorer(
@@ -91,7 +93,11 @@ class NexusLayer(CacheLayerMixin):
         #: The attention KL measured for ``key_bits - 1`` at the first chunk (nats, the largest over the
         #: sequences measured), or None.
         self.key_kl: float | None = None
-        self.logical_len = 0
+        #: Logical tokens seen per sequence: a 0-d int64 device tensor updated in place (what
+        #: ``get_seq_length()`` returns, like transformers' static layers), and its host copy while known
+        #: (None after a compiled step; :meth:`seen_tokens` reads it back).
+        self._length = torch.zeros((), dtype=torch.int64)
+        self._host_length: int | None = 0
         self.chunks = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         #: A prefill chunk held exactly until its reconstruction pass (scorer="reconstruction"), and the
@@ -129,6 +135,7 @@ class NexusLayer(CacheLayerMixin):
                                     rotary=self.rotary, batch=batch, heads=heads, head_dim=dim,
                                     dtype=key_states.dtype, device=key_states.device,
                                     position_dtype=self._position_dtype())
+        self._length = self._length.to(key_states.device)
         self.key_kl = None
         self.is_initialized = True
 
@@ -153,21 +160,34 @@ class NexusLayer(CacheLayerMixin):
         _HANDOFF.layer, _HANDOFF.key = self, key_states
         return key_states, value_states
 
-    def get_seq_length(self) -> int:
-        return self.logical_len
+    def get_seq_length(self) -> torch.Tensor | int:
+        """Logical tokens seen per sequence: a 0-d int64 tensor on the cache's device (0 before the first update),
+        as transformers' static layers return it; :meth:`seen_tokens` gives a Python int."""
+        return self._length if self.is_initialized else 0
+
+    def seen_tokens(self) -> int:
+        """Logical tokens seen per sequence as a Python int (reads the device length once after compiled steps)."""
+        if self._host_length is None:
+            self._host_length = int(self._length)
+        return self._host_length
 
     def get_max_length(self) -> int:
         return -1 if self.max_cache_len is None else self.max_cache_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.logical_len + query_length, 0
+        """``(kv_length, 0)``: the logical capacity once known (the same for every step, so masks keep one shape),
+        else (and while a chunk is re-read past the capacity) the tokens seen plus the new ones."""
+        if self.max_cache_len is not None and not self.rereading:
+            return self.max_cache_len, 0
+        return self.seen_tokens() + query_length, 0
 
     def reset(self) -> None:
         self.deferred = self._recon_scores = None
         if self.is_initialized:
             st = self.storage
             self.lazy_initialization(st.sink_k, st.sink_v)
-        self.logical_len = self.chunks = 0
+        self._length = torch.zeros((), dtype=torch.int64, device=self._length.device)
+        self._host_length = self.chunks = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("NexusCache does not support beam search yet; use greedy or sampling")
@@ -202,7 +222,7 @@ class NexusLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         self._check_logical(key.shape[2])
-        self.logical_len = key.shape[2]
+        self._advance(key.shape[2])
         self._compress(None, key, value, real, positions, key.shape[-1] ** -0.5)
 
     # ------------------------------------------------------------------ capacity
@@ -214,18 +234,23 @@ class NexusLayer(CacheLayerMixin):
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""
         if self.max_cache_len is None:
             return
-        self.max_cache_len = max(self.max_cache_len, self.logical_len + new_tokens)
+        self.max_cache_len = max(self.max_cache_len, self.seen_tokens() + new_tokens)
         if self.storage is not None:
             self.storage.widen_positions(self._position_dtype())
 
     def _spare(self) -> int | None:
         """Logical tokens still to come (code capacity is sized for them), or None when unbounded."""
-        return None if self.max_cache_len is None else max(0, self.max_cache_len - self.logical_len)
+        return None if self.max_cache_len is None else max(0, self.max_cache_len - self.seen_tokens())
+
+    def _advance(self, new_tokens: int) -> None:
+        """Count ``new_tokens`` more logical tokens (on the device; on the host too unless compiling)."""
+        self._length.add_(new_tokens)
+        self._host_length = None if torch.compiler.is_compiling() else self.seen_tokens() + new_tokens
 
     def _check_logical(self, new_tokens: int) -> None:
-        if self.max_cache_len is not None and self.logical_len + new_tokens > self.max_cache_len:
+        if self.max_cache_len is not None and self.seen_tokens() + new_tokens > self.max_cache_len:
             raise ValueError(
-                f"NexusCache is full: it holds {self.logical_len} tokens and was built with "
+                f"NexusCache is full: it holds {self.seen_tokens()} tokens and was built with "
                 f"max_cache_len={self.max_cache_len}; {new_tokens} more do not fit. Build it with a larger "
                 "max_cache_len (prompt length + max_new_tokens)"
             )
@@ -263,11 +288,22 @@ class NexusLayer(CacheLayerMixin):
                                "'reconstruction'): call cache.reconstruct(model, input_ids) after the prefill, or "
                                "prepare the model with nqcompile.optimize(), which does it")
         q_len = key.shape[2]
-        self._check_logical(q_len)
-        self.rotary.check_length(self.logical_len + q_len)
-        self.logical_len += q_len  # before storing: capacity is sized from the tokens still to come
         if self.chunks > 0 and (q_len == 1 or self.replay_as_decode):
-            return decode_steps(self.storage, query, key, value, positions, scaling, spare=self._spare())
+            if torch.compiler.is_compiling():
+                # No host lengths in a compiled step: the rope check covers the whole capacity, which the last
+                # chunk end planned for (reserve_for_decode).
+                self.rotary.check_length(self.max_cache_len)
+            else:
+                self._check_logical(q_len)
+                self.rotary.check_length(self.seen_tokens() + q_len)
+                if self.max_cache_len is None:  # unbounded: grow on the host before the static step
+                    st = self.storage
+                    st.ensure_capacity(int((st.code_len + st.warm_len + st.win_len).max()) + q_len + BLOCK_TOKENS)
+            self._advance(q_len)
+            return decode_steps(self.storage, query, key, value, positions, scaling)
+        self._check_logical(q_len)
+        self.rotary.check_length(self.seen_tokens() + q_len)
+        self._advance(q_len)  # before storing: capacity is sized from the tokens still to come
         return self._chunk(query, key, value, real, positions, scaling)
 
     def _chunk(self, query, key, value, real, positions, scaling) -> torch.Tensor:
@@ -289,6 +325,7 @@ class NexusLayer(CacheLayerMixin):
         if key_kl is not None:
             self.key_kl = key_kl
         self.chunks += 1
+        self.storage.mark_static()
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruction_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:

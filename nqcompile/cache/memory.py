@@ -75,8 +75,8 @@ def memory_report(layers) -> CacheMemoryReport:
         if isinstance(layer, NexusLayer) and layer.storage is not None:
             st = layer.storage
             unused += st.unused_bytes()
-            bf16 += 4 * st.batch * st.heads * st.head_dim * layer.logical_len
-            logical = layer.logical_len if logical is None else logical
+            bf16 += 4 * st.batch * st.heads * st.head_dim * layer.seen_tokens()
+            logical = layer.seen_tokens() if logical is None else logical
             key_bits += [layer.key_bits] if layer.kind != "exact" else []
             physical = layer.physical_tokens() if physical is None else physical
         elif getattr(layer, "keys", None) is not None and layer.keys.numel():

@@ -122,7 +122,9 @@ class NexusCache(Cache):
         Args:
             model: the causal LM that filled the cache (``nexusquant`` attention).
             input_ids: ``[B, L]`` int64, the chunk's token ids (left-padded as fed).
-            attention_mask: the 2D mask passed with the chunk, ``[B, past + L]`` (1 = real token), or None.
+            attention_mask: the mask passed with the chunk: 2D ``[B, past + L]`` (1 = real token), the 4D mask
+                ``[B, 1, L, kv]`` that ``generate`` builds for a compileable cache (boolean, or additive with 0
+                where attended; its last row, a real token under left padding, gives the padding), or None.
 
         Raises:
             RuntimeError: no chunk is deferred.
@@ -142,11 +144,14 @@ class NexusCache(Cache):
         if not deferred:
             raise RuntimeError("no prefill chunk awaits reconstruction in this NexusCache")
         chunk, batch = deferred[0].deferred.key.shape[2], deferred[0].storage.batch
-        logical = deferred[0].logical_len
+        logical = deferred[0].seen_tokens()
         if input_ids.dim() != 2 or tuple(input_ids.shape) != (batch, chunk):
             raise ValueError(f"the deferred chunk is {batch} x {chunk} tokens, got input_ids of shape "
                              f"{tuple(input_ids.shape)}")
         device = deferred[0].storage.device
+        if attention_mask is not None and attention_mask.dim() == 4:  # the chunk's last query sees every real token
+            last = attention_mask[:, 0, -1, :logical]
+            attention_mask = last if last.dtype == torch.bool else last == 0
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, logical):
             raise ValueError(f"attention_mask must cover every token seen, ({batch}, {logical}), got "
                              f"{tuple(attention_mask.shape)}")
@@ -180,6 +185,12 @@ class NexusCache(Cache):
             for layer in nexus:
                 layer.rereading = False
         return deferred
+
+    def seen_tokens(self) -> int:
+        """Logical tokens seen per sequence (padding included) as a Python int; ``get_seq_length()`` returns the
+        same count as a device tensor, which a compiled decode step can read without synchronizing."""
+        return next((layer.seen_tokens() for layer in self.layers if isinstance(layer, NexusLayer)),
+                    int(self.get_seq_length()))
 
     def reserve(self, new_tokens: int) -> None:
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""

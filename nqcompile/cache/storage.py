@@ -24,10 +24,11 @@ import torch
 from .. import ops
 from ..codec.hadamard import hadamard_matrix
 from ..models.rope_spec import RotarySpec
-from ..ops.layout import round_up_to_block
+from ..ops.layout import BLOCK_TOKENS, round_up_to_block
+from ..ops.reference import write_slots
 from ..presets import Preset
 
-__all__ = ["CodecParams", "LayerStorage", "first_slots", "ordered_index", "scatter_tokens"]
+__all__ = ["CodecParams", "LayerStorage", "first_slots", "ordered_index", "take_slots"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,9 +78,7 @@ class LayerStorage:
         batch, heads, head_dim: ``B``, KV heads ``H``, ``D``. dtype, device: the model's.
         position_dtype: ``torch.int16`` or ``torch.int32`` for stored positions.
 
-    Attributes:
-        host_code_len, host_warm_len, host_win_len: per-sequence host copies of ``code_len``, ``warm_len``,
-            ``win_len`` (Python ints).
+    Every length is a device tensor; nothing here keeps a host copy, so a decode step never synchronizes.
     """
 
     def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, store_positions: bool, rotary: RotarySpec,
@@ -104,8 +103,6 @@ class LayerStorage:
             norm_mean=torch.zeros(2, batch, heads, head_dim, **f32), norm_scale=torch.ones(2, batch, heads, head_dim, **f32),
             kind="exact" if bits is None else preset.codec, key_bits=key_bits, value_bits=value_bits,
             attention_scaling=float(rotary.attention_scaling), rotary_dim=int(rotary.rotary_dim), layout=rotary.layout)
-        self.host_code_len = [0] * batch
-        self.host_win_len = [0] * batch
         self._allocate_codes(0)
         self._allocate_warm()
 
@@ -121,7 +118,7 @@ class LayerStorage:
 
     def set_key_bits(self, key_bits: int) -> None:
         """Store keys at ``key_bits`` from now on; only before anything is coded (the buffers are reallocated)."""
-        if self.host_code_len != [0] * self.batch or int(self.warm_len.sum()):
+        if int(self.code_len.sum()) or int(self.warm_len.sum()):
             raise RuntimeError("key bits can only change before any token is coded")
         self.codec = self.codec.with_bits(key_bits, self.codec.value_bits)
         self._allocate_codes(0)
@@ -149,7 +146,8 @@ class LayerStorage:
         for name, tensor in new.items():
             old = getattr(self, name, None)
             if old is not None and old.shape[2] > 0:
-                tensor[:, :, : old.shape[2]] = old
+                keep = min(old.shape[2], capacity)  # slots past every sequence's end may be dropped
+                tensor[:, :, :keep] = old[:, :, :keep]
             setattr(self, name, tensor)
         self.capacity = capacity
 
@@ -164,7 +162,6 @@ class LayerStorage:
         self.warm_k_scales, self.warm_v_scales = torch.zeros(b, h, w, **u8), torch.zeros(b, h, w, **u8)
         self.warm_pos = torch.zeros(b, h, w, dtype=self.position_dtype, device=self.device)
         self.warm_len = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self.host_warm_len = [0] * b
 
     def widen_positions(self, dtype: torch.dtype) -> None:
         """Store positions as ``dtype`` from now on (int32 once the logical capacity no longer fits int16)."""
@@ -173,13 +170,32 @@ class LayerStorage:
             if name in self.__dict__ and getattr(self, name).dtype != dtype:
                 setattr(self, name, getattr(self, name).to(dtype))
 
-    def ensure_capacity(self, needed: int, spare: int | None) -> None:
-        """Make room for ``needed`` coded tokens per sequence, plus ``spare`` more (the tokens still to come, when
-        the logical capacity is known; ``None``: grow by half)."""
-        if needed <= self.capacity:
-            return
-        target = needed + spare if spare is not None else max(needed, int(self.capacity * 1.5))
-        self._allocate_codes(round_up_to_block(target))
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the code buffers (by half at least) so that ``needed`` token slots per sequence exist."""
+        if needed > self.capacity:
+            self._allocate_codes(round_up_to_block(max(needed, int(self.capacity * 1.5))))
+
+    def reserve_for_decode(self, spare: int | None) -> None:
+        """Size the code buffers for ``spare`` more tokens of static decode steps (a plan step, at a chunk end).
+
+        Every token now in the window or the warm tier and every new one may reach the codes, and a flush writes
+        up to one block of slots past the last real token, so the capacity becomes
+        ``max(code_len + warm_len + win_len) + spare + BLOCK_TOKENS``, rounded up to a block: the buffers shrink
+        as well as grow, so that what a cache allocates follows what it keeps. ``spare=None`` (no known logical
+        capacity) only grows, by half at least; the decode step then checks the room on the host.
+        """
+        held = int((self.code_len + self.warm_len + self.win_len).max())
+        if spare is None:
+            self.ensure_capacity(held + BLOCK_TOKENS)
+        else:
+            target = round_up_to_block(held + spare + BLOCK_TOKENS)
+            if target != self.capacity:
+                self._allocate_codes(target)
+
+    def mark_static(self) -> None:
+        """Mark every buffer as a static address for ``torch.compile`` (CUDA graphs replay over them in place)."""
+        for t in self.tensors().values():
+            torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------------ reading and writing
     def code_positions(self) -> torch.Tensor:
@@ -191,18 +207,18 @@ class LayerStorage:
 
     def write(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Quantize and append ``count[b]`` (``[B]`` int64) of the tokens ``[B, H, n, D]`` (post-RoPE keys, values;
-        ``positions`` ``[B, H, n]``) at each sequence's physical end; capacity must already suffice."""
+        ``positions`` ``[B, H, n]``) at each sequence's physical end, in place; the capacity must hold
+        ``code_len[b] + n`` slots for every ``b`` (:func:`nqcompile.ops.write_kv`)."""
         if key.shape[2] == 0:
             return
         ops.write_kv(self.k_codes, self.k_scales, self.v_codes, self.v_scales, key, value,
                      positions.to(torch.int64), self.code_len, count, *self.codec.as_op_args())
         if not self.store_positions:
             starts = (self.code_len == 0) & (count > 0)
-            self.code_pos0 = torch.where(starts, positions[:, 0, 0].to(torch.int64), self.code_pos0)
+            self.code_pos0.copy_(torch.where(starts, positions[:, 0, 0].to(torch.int64), self.code_pos0))
         else:
-            scatter_tokens(self.code_pos, positions, self.code_len, count)
-        self.code_len += count
-        self.host_code_len = [c + n for c, n in zip(self.host_code_len, count.tolist())]
+            write_slots(self.code_pos, positions, self.code_len, count)
+        self.code_len.add_(count)
 
     def take(self, select: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, ppos: torch.Tensor | None,
              prefix: str) -> None:
@@ -240,8 +256,8 @@ class LayerStorage:
 
     def decode_codes(self) -> torch.Tensor:
         """Keys of the coded tokens, ``[B, H, n, D]`` (``n``: the longest sequence's ``code_len``), float32 post-RoPE
-        (the model's dtype for exact storage)."""
-        n = max(self.host_code_len)
+        (the model's dtype for exact storage). Reads ``n`` on the host (chunk ends only)."""
+        n = int(self.code_len.max())
         if self.kind == "exact":
             return self.k_codes[:, :, :n]
         pos = self.code_positions()[:, :, :n].expand(-1, self.heads, -1)
@@ -249,11 +265,12 @@ class LayerStorage:
                               self.v_scales[:, :, :n], pos, *self.codec.as_op_args())[0]
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-               scaling: float, code_len: torch.Tensor | None = None) -> torch.Tensor:
+               scaling: float, code_len: torch.Tensor | None = None, *, full: bool = False) -> torch.Tensor:
         """Attention of ``query`` ``[B, Hq, q, D]`` over the codes and the exact ``keys``/``values`` ``[B, H, E, D]``
         (``mask`` ``[B, q, E]``) through :func:`nqcompile.ops.dequant_attention`; ``code_len`` ``[B]`` or ``[B, q]``
-        limits the codes each query sees (default: all held)."""
-        n = max(self.host_code_len)  # slots past every sequence's end need no decoding
+        limits the codes each query sees (default: all held). ``full`` passes every slot of the capacity (static
+        shapes, a decode step); otherwise only the slots up to the longest sequence's end, read on the host."""
+        n = self.capacity if full else int(self.code_len.max())
         return ops.dequant_attention(
             query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n], self.v_scales[:, :, :n],
             self.code_positions()[:, :, :n], self.code_len if code_len is None else code_len, keys, values, mask,
@@ -293,26 +310,24 @@ class LayerStorage:
                        if t.shape[2]) // b
         if self.store_positions:
             per_slot += self.code_pos[:, :, :1].nbytes // b
-        free_codes = sum(self.capacity - c for c in self.host_code_len)
+        free_codes = int((self.capacity - self.code_len).sum())
         exact_slot = 2 * self.heads * self.head_dim * self.sink_k.element_size()
-        free_exact = sum(self.win_k.shape[2] - w for w in self.host_win_len)
+        free_exact = int((self.win_k.shape[2] - self.win_len).sum())
         free_exact += int((self.sink_k.shape[2] - self.sink_len).sum())
         warm_slot = sum(t[:, :, :1].nbytes for t in (*self.warm_tensors(), self.warm_pos) if t.shape[2]) // b
-        free_warm = sum(self.warm_cap - w for w in self.host_warm_len)
+        free_warm = int((self.warm_cap - self.warm_len).sum())
         return free_codes * per_slot + free_exact * exact_slot + free_warm * warm_slot
 
     def physical_tokens(self) -> int:
         """Tokens held, summed over the batch: sinks, codes, warm tier and window."""
-        return (int(self.sink_len.sum()) + sum(self.host_code_len) + sum(self.host_warm_len)
-                + sum(self.host_win_len))
+        return int((self.sink_len + self.code_len + self.warm_len + self.win_len).sum())
 
 
-def scatter_tokens(buf: torch.Tensor, values: torch.Tensor, dest: torch.Tensor, count: torch.Tensor) -> None:
-    """``buf[b, :, dest[b] + j] = values[b, :, j]`` for ``j < count[b]`` (``buf`` ``[B, H, C, ...]``, ``values``
-    ``[B, H, n, ...]``, ``dest`` and ``count`` ``[B]`` int64), cast to ``buf``'s dtype."""
-    j = torch.arange(values.shape[2], device=values.device)
-    b_idx, j_idx = (j[None] < count[:, None]).nonzero(as_tuple=True)
-    buf[b_idx, :, dest[b_idx] + j_idx] = values[b_idx, :, j_idx].to(buf.dtype)
+def take_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, h, k, ...] = x[b, h, index[b, h, k], ...]`` for ``x`` ``[B, H, L, ...]`` (codes or scales) and ``index``
+    ``[B, H, K]`` int64."""
+    shaped = index.view(*index.shape, *([1] * (x.dim() - 3)))
+    return x.gather(2, shaped.expand(*index.shape, *x.shape[3:]))
 
 
 def first_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:

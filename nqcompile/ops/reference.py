@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
 
-__all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention"]
+__all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention", "write_slots"]
 
 
 @torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
@@ -37,7 +37,9 @@ def write_kv(
         key: ``[B, H, n, D]`` post-RoPE keys, model dtype. value: ``[B, H, n, D]``.
         positions: ``[B, H, n]`` int64 positions of the keys (for RoPE removal).
         dest: ``[B]`` int64 first slot written per sequence. count: ``[B]`` int64 tokens written (<= n);
-            token ``j`` of sequence ``b`` is written only when ``j < count[b]``.
+            token ``j`` of sequence ``b`` is written only when ``j < count[b]``. Shapes are static: slots
+            ``dest[b] .. dest[b] + n - 1`` are read (and those past ``count[b]`` written back unchanged), so they
+            must all lie inside the capacity ``C``.
         hadamard: ``[D, D]`` float32. inv_freq: ``[rotary_dim / 2]`` float32.
         norm_mean, norm_scale: ``[2, B, H, D]`` float32 per-channel normalization, ``[0]`` of the pre-RoPE keys,
             ``[1]`` of the values (``x = (k - mean) / scale`` is what gets coded).
@@ -51,15 +53,22 @@ def write_kv(
         t = KVTransform(kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
         kc, ks = encode_keys(key, positions, hadamard, inv_freq, norm_mean[0], norm_scale[0], t)
         vc, vs = encode_values(value, hadamard, norm_mean[1], norm_scale[1], t)
-    n = key.shape[2]
-    j = torch.arange(n, device=key.device)
-    b_idx, j_idx = (j[None, :] < count[:, None]).nonzero(as_tuple=True)
-    slot = dest[b_idx] + j_idx
-    k_codes[b_idx, :, slot] = kc[b_idx, :, j_idx].to(k_codes.dtype)
-    v_codes[b_idx, :, slot] = vc[b_idx, :, j_idx].to(v_codes.dtype)
+    write_slots(k_codes, kc, dest, count)
+    write_slots(v_codes, vc, dest, count)
     if ks is not None:
-        k_scales[b_idx, :, slot] = ks[b_idx, :, j_idx]
-        v_scales[b_idx, :, slot] = vs[b_idx, :, j_idx]
+        write_slots(k_scales, ks, dest, count)
+        write_slots(v_scales, vs, dest, count)
+
+
+def write_slots(buf: torch.Tensor, new: torch.Tensor, dest: torch.Tensor, count: torch.Tensor) -> None:
+    """``buf[b, :, dest[b] + j] = new[b, :, j]`` for ``j < count[b]``, in place with static shapes (slots ``j >=
+    count[b]`` are read and written back unchanged). ``buf`` ``[B, H, C, ...]``, ``new`` ``[B, H, n, ...]``."""
+    n = new.shape[2]
+    slot = dest[:, None] + torch.arange(n, device=buf.device)[None]  # [B, n]
+    index = slot.view(slot.shape[0], 1, n, *([1] * (buf.dim() - 3))).expand(*new.shape)
+    keep = (torch.arange(n, device=buf.device)[None] < count[:, None]).view(index.shape[0], 1, n,
+                                                                          *([1] * (buf.dim() - 3)))
+    buf.scatter_(2, index, torch.where(keep, new.to(buf.dtype), buf.gather(2, index)))
 
 
 @write_kv.register_fake
