@@ -12,9 +12,9 @@ from nqcompile.codec.lattice import (
     _CENTROIDS,
     _labels,
     _representatives,
-    code_for,
     voronoi_centroid,
 )
+from nqcompile.codec.registry import code_for
 from nqcompile.codec.scalar import FixedRateCode, LloydMaxCode, UniformScalarCode, gaussian_lloyd_max
 from nqcompile.codec.scalar import gaussian_uniform_step
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
