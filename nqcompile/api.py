@@ -26,8 +26,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     to continue a conversation gets room for the new turn. A forward hook has the model re-read each prefill
     chunk that the cache holds back for a scorer that ``needs_model`` (:data:`~nqcompile.policy.registry.SCORERS`;
     ``"reconstruction"``): :meth:`NexusCache.reconstruct`, one more forward pass over the chunk. For other
-    scorers it does nothing. Calling it again replaces the hook and
-    the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
+    scorers it does nothing. Calling it again replaces the hook and the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
     ``DynamicCache``.
 
     Args:
@@ -106,9 +105,10 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
     """Turn a ``DynamicCache`` filled by a prefill into a :class:`~nqcompile.NexusCache`.
 
     The prefill's tokens are compressed as one chunk: sinks and recent window kept exact, the middle
-    evicted by a scorer that needs neither queries nor the model (:data:`~nqcompile.policy.registry.SCORERS`:
-    ``key_diff`` or ``key_norm``; neither is available here; no eviction at all when the prefill is shorter
-    than the preset's ``min_evict_tokens``) and quantized.
+    evicted (not when the prefill is shorter than the preset's ``min_evict_tokens``) and quantized. Neither
+    the prefill's queries nor the model are available here, so the scorer must need neither
+    (``needs_queries`` and ``needs_model`` false in :data:`~nqcompile.policy.registry.SCORERS`: ``key_diff``
+    or ``key_norm``).
 
     Args:
         cache: a ``DynamicCache`` holding ``[B, Hkv, L, D]`` keys and values in every layer.
@@ -127,13 +127,13 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
             message names the scorers that work here), or the cache holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
-    needs = SCORERS[chosen.scorer]
-    if chosen.eviction_ratio > 0 and (needs.needs_queries or needs.needs_model):
-        usable = [name for name, entry in SCORERS.items() if not (entry.needs_queries or entry.needs_model)]
-        missing = "queries" if needs.needs_queries else "model to re-read the prefill with"
+    scorer = SCORERS[chosen.scorer]
+    if chosen.eviction_ratio > 0 and (scorer.needs_queries or scorer.needs_model):
+        usable = " or ".join(f"scorer={name!r}" for name, entry in SCORERS.items()
+                             if not (entry.needs_queries or entry.needs_model))
+        missing = "queries" if scorer.needs_queries else "model"
         raise ValueError(f"compress_kv_cache has no {missing} to score tokens with scorer={chosen.scorer!r}; pass "
-                         f"scorer= one of {usable} or eviction_ratio=0, or let an optimized model compress during "
-                         "its prefill")
+                         f"{usable} or eviction_ratio=0, or let an optimized model compress during its prefill")
     if chosen.relax_key_kl:
         raise ValueError(f"compress_kv_cache has no queries to measure relax_key_kl={chosen.relax_key_kl} with; pass "
                          "relax_key_kl=0 (every layer keeps key_bits), or let an optimized model compress during its "

@@ -78,8 +78,8 @@ class Preset:
             Sinks and the recent window count as kept. Decode tokens and chunks shorter than
             ``min_evict_tokens`` are never evicted.
         scorer: a name in :data:`nqcompile.policy.registry.SCORERS`, whose entry says what its scores need
-            (queries, the model). ``"observation"`` ranks tokens by the attention the chunk's last ``observation_window``
-            queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
+            (queries, the model). ``"observation"`` ranks tokens by the attention the chunk's last
+            ``observation_window`` queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
             ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430);
             ``"key_diff"`` keeps the keys least similar to the chunk's mean key (Park et al. 2025,
             arXiv:2504.15364), needing no queries; ``"reconstruction"`` (KVzip, Kim et al. 2025,
@@ -107,8 +107,8 @@ class Preset:
             over queries and query heads) in every sequence that codes at least 64 tokens (none: no change).
             0 disables; needs queries (not ``compress_kv_cache``).
         layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer (with a scorer that ``needs_model``,
-            such as ``"reconstruction"``: in all layers together); ``"pyramid"`` keeps more in lower layers and fewer in upper ones with the same
-            mean (PyramidKV, Cai et al. 2024).
+            such as ``"reconstruction"``: in all layers together); ``"pyramid"`` keeps more in lower layers and
+            fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
             (``None``: exact) and never evicted.
         boundary_bits: bits for the boundary layers' keys and values (one the codec offers), or ``None`` for exact
