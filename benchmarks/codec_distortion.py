@@ -40,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 from nqcompile.codec.hadamard import hadamard_rotate
-from nqcompile.codec.lattice import DEFAULT_GAIN, E8LatticeCode, code_for
+from nqcompile.codec.lattice import DEFAULT_GAIN, E8LatticeCode
+from nqcompile.codec.registry import CODECS, code_for
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "persuasion.txt"
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-vectors", type=int, default=50_000, help="synthetic vectors per source")
     p.add_argument("--dim", type=int, default=64, help="vector dimension (multiple of 8)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--codes", nargs="+", default=["e8", "lloyd_max", "uniform"])
+    p.add_argument("--codes", nargs="+", default=list(CODECS), choices=list(CODECS))
     p.add_argument("--dof", type=int, default=8, help="Student-t degrees of freedom")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default; 1 is fastest for these small ops on a shared machine)")

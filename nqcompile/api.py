@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from .attention import register_attention
 from .cache import NexusCache
+from .policy.registry import SCORERS
 from .presets import Preset, get_preset
 
 __all__ = ["optimize", "compress_kv_cache"]
@@ -23,9 +24,9 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     to it, and wraps this model's ``generate`` so that a :class:`~nqcompile.NexusCache` sized for the
     prompt plus ``max_new_tokens`` is built when no ``past_key_values`` is passed; a ``NexusCache`` passed
     to continue a conversation gets room for the new turn. A forward hook has the model re-read each prefill
-    chunk that a ``scorer="reconstruction"`` cache holds back (:meth:`NexusCache.reconstruct`, one more
-    forward pass over the chunk); for other scorers it does nothing. Calling it again replaces the hook and
-    the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
+    chunk that the cache holds back for a scorer that ``needs_model`` (:data:`~nqcompile.policy.registry.SCORERS`;
+    ``"reconstruction"``): :meth:`NexusCache.reconstruct`, one more forward pass over the chunk. For other
+    scorers it does nothing. Calling it again replaces the hook and the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
     ``DynamicCache``.
 
     Args:
@@ -38,7 +39,8 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 
     Raises:
         ValueError: unsupported model (encoder-decoder, no rotary attention, unsupported rope type or
-            head_dim), unknown preset or field value.
+            head_dim), unknown preset or field value; from ``generate``: ``inputs_embeds`` with an evicting
+            scorer that ``needs_model`` (it re-reads the token ids), or no ``max_new_tokens``.
     """
     chosen = get_preset(preset, **overrides)
     NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
@@ -54,9 +56,9 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         if "past_key_values" in kwargs and cache_arg != "past_key_values":
             kwargs[cache_arg] = kwargs.pop("past_key_values")
         cache = kwargs.get(cache_arg)
-        if chosen.scorer == "reconstruction" and chosen.eviction_ratio > 0 and kwargs.get("inputs_embeds") is not None:
-            raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not "
-                             "inputs_embeds (or optimize with another scorer)")
+        if SCORERS[chosen.scorer].needs_model and chosen.eviction_ratio > 0 and kwargs.get("inputs_embeds") is not None:
+            raise ValueError(f"scorer={chosen.scorer!r} re-reads the prompt's token ids; pass input_ids, not "
+                             "inputs_embeds (or optimize with a scorer that needs no model)")
         if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
             config = kwargs.get("generation_config") or model.generation_config
             new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
@@ -80,7 +82,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 
 
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
-    """Forward hook: after a forward that left a prefill chunk deferred (``scorer="reconstruction"``), run
+    """Forward hook: after a forward that left a prefill chunk deferred (a scorer that ``needs_model``), run
     :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
     cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
     if cache is None or not cache.awaiting_reconstruction \
@@ -92,8 +94,8 @@ def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) ->
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             bound.update(bound.pop(name, {}))
     if bound.get("input_ids") is None:
-        raise ValueError("scorer='reconstruction' re-reads the prompt's token ids; pass input_ids, not inputs_embeds "
-                         "(or use another scorer)")
+        raise ValueError(f"scorer={cache.preset.scorer!r} re-reads the prompt's token ids; pass input_ids, not "
+                         "inputs_embeds (or use a scorer that needs no model)")
     cache.reconstruct(model, bound["input_ids"], bound.get("attention_mask"))
 
 
@@ -103,8 +105,10 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
     """Turn a ``DynamicCache`` filled by a prefill into a :class:`~nqcompile.NexusCache`.
 
     The prefill's tokens are compressed as one chunk: sinks and recent window kept exact, the middle
-    evicted by a scorer that needs no queries (``key_diff`` or ``key_norm``; none are available here; not
-    at all when the prefill is shorter than the preset's ``min_evict_tokens``) and quantized.
+    evicted (not when the prefill is shorter than the preset's ``min_evict_tokens``) and quantized. Neither
+    the prefill's queries nor the model are available here, so the scorer must need neither
+    (``needs_queries`` and ``needs_model`` false in :data:`~nqcompile.policy.registry.SCORERS`: ``key_diff``
+    or ``key_norm``).
 
     Args:
         cache: a ``DynamicCache`` holding ``[B, Hkv, L, D]`` keys and values in every layer.
@@ -118,15 +122,18 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
         **overrides: :class:`~nqcompile.Preset` fields.
 
     Raises:
-        ValueError: the preset evicts with the ``observation`` or ``reconstruction`` scorer or sets
-            ``relax_key_kl`` (they need the prefill's queries or the model; pass ``scorer="key_diff"`` or
-            ``"key_norm"``, ``relax_key_kl=0``), or the cache holds layers of another kind.
+        ValueError: the preset evicts with a scorer that ``needs_queries`` or ``needs_model`` (``observation``,
+            ``reconstruction``) or sets ``relax_key_kl`` (they need the prefill's queries or the model; the
+            message names the scorers that work here), or the cache holds layers of another kind.
     """
     chosen = get_preset(preset, **overrides)
-    if chosen.eviction_ratio > 0 and chosen.scorer in ("observation", "reconstruction"):
-        raise ValueError(f"compress_kv_cache has no queries (nor a model) to score tokens with scorer="
-                         f"{chosen.scorer!r}; pass scorer='key_diff' or 'key_norm' or eviction_ratio=0, or let an "
-                         "optimized model compress during its prefill")
+    scorer = SCORERS[chosen.scorer]
+    if chosen.eviction_ratio > 0 and (scorer.needs_queries or scorer.needs_model):
+        usable = " or ".join(f"scorer={name!r}" for name, entry in SCORERS.items()
+                             if not (entry.needs_queries or entry.needs_model))
+        missing = "queries" if scorer.needs_queries else "model"
+        raise ValueError(f"compress_kv_cache has no {missing} to score tokens with scorer={chosen.scorer!r}; pass "
+                         f"{usable} or eviction_ratio=0, or let an optimized model compress during its prefill")
     if chosen.relax_key_kl:
         raise ValueError(f"compress_kv_cache has no queries to measure relax_key_kl={chosen.relax_key_kl} with; pass "
                          "relax_key_kl=0 (every layer keeps key_bits), or let an optimized model compress during its "

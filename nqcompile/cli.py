@@ -92,6 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
     import nqcompile
     from nqcompile.eval.perplexity import perplexity, ppl_change_percent, tokenize_text, window_nll
     from nqcompile.models import load_pretrained
+    from nqcompile.policy.registry import SCORERS
 
     if args.max_new_tokens < 1 or args.held_tokens < 0:
         print("nqcompile: --max-new-tokens must be >= 1 and --held-tokens >= 0", file=sys.stderr)
@@ -145,7 +146,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     print("\n--- speed (wall clock, this machine) ---")
     t = timer.times  # t[0]: prompt handed to generate; t[1]: first new token; t[i]: i-th new token
-    extra = " and the re-reading that scores tokens" if model.nqcompile_preset.scorer == "reconstruction" else ""
+    extra = " and the re-reading that scores tokens" if SCORERS[model.nqcompile_preset.scorer].needs_model else ""
     print(f"prefill: {n_prompt} tokens + first new token in {t[1] - t[0]:.2f} s (includes the compression at the "
           f"end of the prefill{extra})")
     if len(t) > 2:

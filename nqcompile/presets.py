@@ -9,9 +9,12 @@ many tokens stay exact (attention sinks and the recent window), and which layers
 ``to_dict`` / ``from_dict``.
 
 Bytes per compressed token and KV head (what :func:`Preset.bytes_per_token` returns and what the
-cache's accounting test checks against ``nbytes``)::
+cache's accounting test checks against ``nbytes``), with ``bytes_per_vector`` the codec's
+:meth:`~nqcompile.codec.registry.CodecEntry.bytes_per_vector` (``bits * head_dim / 8`` for every codec in
+:data:`~nqcompile.codec.registry.CODECS` today)::
 
-    key_bits * head_dim / 8 + value_bits * head_dim / 8   packed E8 (or scalar) codes
+    bytes_per_vector(key_bits, head_dim)                  packed key code
+    + bytes_per_vector(value_bits, head_dim)              packed value code
     + 2                                                   one uint8 scale code each for key and value
     + position_bytes  (2 for int16 / 4 for int32)         only when eviction_ratio > 0 (kept tokens are
                                                           no longer contiguous, so their positions are stored)
@@ -24,8 +27,9 @@ a code capacity of ``C`` tokens per sequence (a multiple of 16)::
     B * H * C * bytes_per_token                      codes, scales, positions
     + B * H * (sink_tokens + recent_window) * 2 * head_dim * itemsize   exact sinks and window
     + B * recent_window * 8                          window positions (int64)
-    + B * H * warm_tokens * (2 * warm_bits * head_dim / 8 + 2 + position_bytes)   warm tier codes, scales,
-                                                     positions; only in layers whose bits are below warm_bits
+    + B * H * warm_tokens * (2 * bytes_per_vector(warm_bits, head_dim) + 2 + position_bytes)   warm tier
+                                                     codes, scales, positions; only in layers whose bits are
+                                                     below warm_bits
     + 5 * B * 8                                      lengths and first code position (int64)
     + 4 * B * H * head_dim * 4                       per-channel key and value mean and scale (float32)
     + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
@@ -42,18 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codec.kv import NORMS, VALUE_NORMS
+from .codec.registry import CODECS
 from .ops.layout import BLOCK_TOKENS
+from .policy.registry import SCORERS
 
-__all__ = ["Preset", "PRESETS", "get_preset", "CODEC_KINDS", "SCORERS", "LAYER_BUDGETS"]
+__all__ = ["Preset", "PRESETS", "get_preset", "LAYER_BUDGETS"]
 
-#: Codec families a preset may name. ``e8``: E8 nested-lattice code (the project's codec);
-#: ``lloyd_max`` and ``uniform``: the scalar baselines, kept for ablations.
-CODEC_KINDS = ("e8", "lloyd_max", "uniform")
-#: Token scorers for eviction (see :mod:`nqcompile.policy`).
-SCORERS = ("observation", "key_norm", "key_diff", "reconstruction")
 #: How the eviction budget is spread over layers.
 LAYER_BUDGETS = ("uniform", "pyramid")
-_BITS = (2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,12 @@ class Preset:
 
     Args:
         name: label used in reports.
-        key_bits: bits per element of the stored keys (2, 3 or 4), or ``None`` for exact storage in the
-            model's dtype (then ``value_bits`` must be ``None`` too).
-        value_bits: bits per element of the stored values (2, 3 or 4), or ``None`` (exact).
-        codec: ``"e8"`` (E8 lattice code, Conway and Sloane) or a scalar baseline
-            (``"lloyd_max"``, ``"uniform"``), applied after the Hadamard rotation.
+        key_bits: bits per element of the stored keys, one the codec offers (``CODECS[codec].bits``: 2, 3 or 4
+            for ``"e8"``, 1 to 8 for the scalar baselines), or ``None`` for exact storage in the model's dtype
+            (then ``value_bits`` must be ``None`` too).
+        value_bits: bits per element of the stored values (as ``key_bits``), or ``None`` (exact).
+        codec: a name in :data:`nqcompile.codec.registry.CODECS`: ``"e8"`` (E8 lattice code, Conway and Sloane)
+            or a scalar baseline (``"lloyd_max"``, ``"uniform"``), applied after the Hadamard rotation.
         key_norm: per-channel normalization of the pre-RoPE keys before the Hadamard rotation, with
             statistics per (sequence, KV head, channel) measured on the first prefill chunk (KIVI / KVQuant
             observe per-channel key offsets and outliers): ``"per_channel"`` subtracts the mean and divides
@@ -76,8 +77,9 @@ class Preset:
         eviction_ratio: fraction of each prefill chunk's tokens removed at the chunk's end, in [0, 1).
             Sinks and the recent window count as kept. Decode tokens and chunks shorter than
             ``min_evict_tokens`` are never evicted.
-        scorer: ``"observation"`` ranks tokens by the attention the chunk's last ``observation_window``
-            queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
+        scorer: a name in :data:`nqcompile.policy.registry.SCORERS`, whose entry says what its scores need
+            (queries, the model). ``"observation"`` ranks tokens by the attention the chunk's last
+            ``observation_window`` queries pay them (SnapKV, Li et al. 2024, arXiv:2404.14469), computed inside the attention op;
             ``"key_norm"`` ranks by low key L2 norm (Devoto et al. 2024, arXiv:2406.11430);
             ``"key_diff"`` keeps the keys least similar to the chunk's mean key (Park et al. 2025,
             arXiv:2504.15364), needing no queries; ``"reconstruction"`` (KVzip, Kim et al. 2025,
@@ -97,18 +99,20 @@ class Preset:
             are held at ``warm_bits`` for keys and values; when the tier overflows, its oldest tokens are
             decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
             tokens carry most of the attention, so their precision is worth more bytes (README, Results).
-        warm_bits: bits per element of the warm tier's keys and values, at least ``key_bits`` and ``value_bits``.
+        warm_bits: bits per element of the warm tier's keys and values, one the codec offers, at least ``key_bits``
+            and ``value_bits``.
         relax_key_kl: attention-aware key bits (:mod:`nqcompile.policy.key_bits`): at the first prefill chunk
             each layer stored at the preset's bits tries its keys at ``key_bits - 1`` and keeps that width if the
             last ``observation_window`` queries' attention moves by less than this KL divergence (nats, mean
             over queries and query heads) in every sequence that codes at least 64 tokens (none: no change).
             0 disables; needs queries (not ``compress_kv_cache``).
-        layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer (with ``"reconstruction"``: in all
-            layers together); ``"pyramid"`` keeps more in lower layers and fewer in upper ones with the same
-            mean (PyramidKV, Cai et al. 2024).
+        layer_budget: ``"uniform"`` evicts ``eviction_ratio`` in every layer (with a scorer that ``needs_model``,
+            such as ``"reconstruction"``: in all layers together); ``"pyramid"`` keeps more in lower layers and
+            fewer in upper ones with the same mean (PyramidKV, Cai et al. 2024).
         boundary_layers: the first and last ``boundary_layers`` layers are stored at ``boundary_bits``
             (``None``: exact) and never evicted.
-        boundary_bits: bits for the boundary layers' keys and values, or ``None`` for exact storage.
+        boundary_bits: bits for the boundary layers' keys and values (one the codec offers), or ``None`` for exact
+            storage.
         compress_layers: ``"all"``, or ``"global_only"`` to leave sliding-window layers of hybrid models
             as transformers' own layers.
         version: schema version of this dataclass.
@@ -145,17 +149,19 @@ class Preset:
                 f"key_bits={self.key_bits} and value_bits={self.value_bits}: set both to None for exact storage, "
                 "or both to a bit width"
             )
+        _choice("codec", self.codec, tuple(CODECS))
+        offered = CODECS[self.codec].bits
         for fname in ("key_bits", "value_bits", "boundary_bits", "warm_bits"):
             bits = getattr(self, fname)
-            if bits is not None and bits not in _BITS:
-                raise ValueError(f"{fname}={bits!r} is not offered by the codec; choose one of {_BITS} or None (exact)")
-        _choice("codec", self.codec, CODEC_KINDS)
+            if bits is not None and bits not in offered:
+                raise ValueError(f"{fname}={bits!r} is not offered by codec={self.codec!r}; choose one of {offered} "
+                                 "or None (exact)")
         _choice("key_norm", self.key_norm, NORMS)
         _choice("value_norm", self.value_norm, VALUE_NORMS)  # values have no RoPE pairs
-        _choice("scorer", self.scorer, SCORERS)
+        _choice("scorer", self.scorer, tuple(SCORERS))
         _choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
-        if self.scorer == "reconstruction" and self.layer_budget != "uniform":
-            raise ValueError(f"scorer='reconstruction' shares one budget among the layers by their scores; "
+        if SCORERS[self.scorer].needs_model and self.layer_budget != "uniform":
+            raise ValueError(f"scorer={self.scorer!r} shares one budget among the layers by their scores; "
                              f"layer_budget={self.layer_budget!r} cannot apply, use 'uniform'")
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
         if not 0.0 <= float(self.eviction_ratio) < 1.0:
@@ -172,9 +178,10 @@ class Preset:
                 raise ValueError(f"{fname}={getattr(self, fname)} must be >= 0")
         if not self.relax_key_kl >= 0.0:
             raise ValueError(f"relax_key_kl={self.relax_key_kl!r} must be >= 0 (nats; 0 disables)")
-        if self.relax_key_kl and (self.exact or self.key_bits == 2):
+        if self.relax_key_kl and (self.exact or self.key_bits - 1 not in offered):
             raise ValueError(f"relax_key_kl={self.relax_key_kl} tries keys one bit below key_bits={self.key_bits}, "
-                             "which the codec does not offer; use key_bits 3 or 4, or relax_key_kl=0")
+                             f"which codec={self.codec!r} does not offer; use key_bits in "
+                             f"{tuple(b for b in offered if b - 1 in offered)}, or relax_key_kl=0")
         if self.observation_window < 1:
             raise ValueError(f"observation_window={self.observation_window} must be >= 1")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
@@ -213,11 +220,16 @@ class Preset:
             bits: ``(key_bits, value_bits)`` to use instead of the preset's (boundary layers).
             position_bytes: itemsize of the stored position (2 or 4), counted only when evicting.
             exact_itemsize: itemsize of the model dtype, used when the layer is exact.
+
+        Raises:
+            ValueError: a quantized layer's ``head_dim`` is not a positive multiple of 8.
         """
         kb, vb = bits if bits is not None else (self.key_bits, self.value_bits)
+        position = position_bytes if self.eviction_ratio > 0 else 0
         if kb is None:
-            return 2 * head_dim * exact_itemsize + (position_bytes if self.eviction_ratio > 0 else 0)
-        return (kb + vb) * head_dim // 8 + 2 + (position_bytes if self.eviction_ratio > 0 else 0)
+            return 2 * head_dim * exact_itemsize + position
+        codec = CODECS[self.codec]
+        return codec.bytes_per_vector(kb, head_dim) + codec.bytes_per_vector(vb, head_dim) + 2 + position
 
     def layer_bytes(self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, itemsize: int,
                     rotary_dim: int, bits: tuple[int | None, int | None] | None = None, position_bytes: int = 4,
@@ -234,7 +246,10 @@ class Preset:
         preset = self if evicting is None else self.replace(eviction_ratio=0.5 if evicting else 0.0)
         per_token = preset.bytes_per_token(head_dim, bits=bits, position_bytes=position_bytes, exact_itemsize=itemsize)
         exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * itemsize
-        warm = batch * kv_heads * self.warm_tokens_for(bits) * (2 * self.warm_bits * head_dim // 8 + 2 + position_bytes)
+        warm_tokens = self.warm_tokens_for(bits)
+        warm_row = 2 * CODECS[self.codec].bytes_per_vector(self.warm_bits, head_dim) + 2 + position_bytes \
+            if warm_tokens else 0
+        warm = batch * kv_heads * warm_tokens * warm_row
         return (batch * kv_heads * capacity * per_token + exact + warm + batch * self.recent_window * 8
                 + 5 * batch * 8 + 4 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
 

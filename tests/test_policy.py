@@ -57,8 +57,8 @@ def test_observation_scorer_matches_explicit_softmax():
     query_time[1, :3] = -1  # padding queries of sequence 1
     valid = torch.ones(b, lk, dtype=torch.bool)
     valid[1, :2] = False
-    got = ObservationScorer(window=3).score(query=q, key=k, query_time=query_time, key_time=key_time,
-                                            key_valid=valid, scaling=0.3)
+    got = ObservationScorer(observation_window=3).score(query=q, key=k, query_time=query_time, key_time=key_time,
+                                                        key_valid=valid, scaling=0.3)
     for bi in range(b):
         for h in range(hkv):
             acc = torch.zeros(lk)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lattice import code_for
+from .registry import code_for
 from .rope import apply_rotary
 from .vector import dequantize_vectors, quantize_vectors
 
@@ -42,7 +42,7 @@ class KVTransform:
     """Static (non-tensor) parameters of one layer's key/value codec.
 
     Args:
-        kind: ``"exact"``, ``"e8"``, ``"lloyd_max"`` or ``"uniform"``.
+        kind: ``"exact"`` or a codec name of :data:`~nqcompile.codec.registry.CODECS`.
         key_bits: bits per key element (ignored for exact).
         value_bits: bits per value element (ignored for exact).
         attention_scaling: the factor the model's RoPE multiplies cos/sin by.

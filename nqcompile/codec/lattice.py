@@ -56,18 +56,11 @@ from torch import Tensor
 
 from nqcompile.codec.e8 import _e8_t, _e8_t_is_zero, _rowsum
 from nqcompile.codec.packing import pack_groups, unpack_groups
-from nqcompile.codec.scalar import (
-    FixedRateCode,
-    LloydMaxCode,
-    UniformScalarCode,
-    check_decode_input,
-    check_dim,
-    check_float_vectors,
-)
+from nqcompile.codec.scalar import check_decode_input, check_dim, check_float_vectors
 
 __all__ = [
     "E8LatticeCode",
-    "code_for",
+    "E8_BITS",
     "E8_GENERATOR",
     "voronoi_centroid",
     "DEFAULT_GAIN",
@@ -89,6 +82,9 @@ E8_GENERATOR = torch.tensor(
     ]
 )
 _GINV = torch.linalg.inv(E8_GENERATOR.double()).float()  # entries in (1/2) Z: exact in float32
+
+#: Bits per dimension the E8 code offers (the codebook E8 / 2**bits E8 has 2**(8 bits) points per block).
+E8_BITS = (2, 3, 4)
 
 #: Lattice scaling per rate: reconstruction = gain * (codeword - centroid), for unit-RMS inputs.
 #: Tuned by ``python benchmarks/codec_distortion.py --tune-gain`` (iid Gaussian, 64-dim, one-byte
@@ -201,9 +197,9 @@ _CENTROIDS: dict[int, tuple[float, ...]] = {
 
 
 def _check_lattice_bits(bits: int, owner: str) -> None:
-    if isinstance(bits, bool) or bits not in (2, 3, 4):
+    if isinstance(bits, bool) or bits not in E8_BITS:
         raise ValueError(
-            f"{owner}: the E8 lattice code supports bits = 2, 3 or 4 per dimension, got {bits!r}; use "
+            f"{owner}: the E8 lattice code supports bits = {E8_BITS} per dimension, got {bits!r}; use "
             "code_for('lloyd_max', bits) or code_for('uniform', bits) for other rates"
         )
 
@@ -215,7 +211,7 @@ class E8LatticeCode:
     centroid shift and the shrink + local-search encoder.
 
     Args:
-        bits: bits per dimension, 2, 3 or 4.
+        bits: bits per dimension, one of :data:`E8_BITS` (2, 3 or 4).
         gain: lattice scaling (reconstruction = ``gain * (codeword - centroid)``); default
             :data:`DEFAULT_GAIN` ``[bits]``, tuned for unit-variance Gaussian coordinates.
         shrink_grid: shrink factors tried for overloaded blocks (default :data:`DEFAULT_SHRINK_GRID`).
@@ -454,27 +450,12 @@ def _row_pieces(m: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-@functools.lru_cache(maxsize=None)
-def code_for(kind: str, bits: int) -> FixedRateCode:
-    """Factory of fixed-rate codes sharing the :class:`~nqcompile.codec.scalar.FixedRateCode` interface.
+def __getattr__(name: str):
+    """``code_for`` now lives in :mod:`nqcompile.codec.registry`; this alias keeps
+    ``from nqcompile.codec.lattice import code_for`` (nqcompile/cache/layer.py) working until it imports from there.
+    A module attribute resolved lazily because the registry imports this module."""
+    if name == "code_for":
+        from .registry import code_for
 
-    Args:
-        kind: ``"e8"`` (:class:`E8LatticeCode`, bits 2..4), ``"lloyd_max"``
-            (:class:`~nqcompile.codec.scalar.LloydMaxCode`, bits 1..8) or ``"uniform"``
-            (:class:`~nqcompile.codec.scalar.UniformScalarCode`, bits 1..8).
-        bits: bits per dimension.
-
-    Returns:
-        A code object with default settings (cached: the same object for the same arguments; treat it
-        as immutable).
-
-    Raises:
-        ValueError: on an unknown kind or unsupported bits.
-    """
-    if kind == "e8":
-        return E8LatticeCode(bits)
-    if kind == "lloyd_max":
-        return LloydMaxCode(bits)
-    if kind == "uniform":
-        return UniformScalarCode(bits)
-    raise ValueError(f"code_for: kind must be 'e8', 'lloyd_max' or 'uniform', got {kind!r}")
+        return code_for
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

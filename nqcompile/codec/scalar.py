@@ -16,7 +16,8 @@ baselines, not straw men (DESIGN.md, "Codec requirements"):
   thresholds are midpoints of levels, levels are conditional means of their cells (closed form for the
   Gaussian). Cached per ``bits``.
 
-Also defines :class:`FixedRateCode`, the interface every code in ``nqcompile.codec`` shares.
+Also defines :class:`FixedRateCode`, the interface every code in ``nqcompile.codec`` shares (the codes a
+preset may name are listed in :mod:`nqcompile.codec.registry`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from nqcompile.codec.packing import pack_bits, unpack_bits
 
 __all__ = [
     "FixedRateCode",
+    "SCALAR_BITS",
     "UniformScalarCode",
     "LloydMaxCode",
     "gaussian_uniform_step",
@@ -47,7 +49,8 @@ class FixedRateCode(Protocol):
         bits: bits per coordinate (int).
         encode(x): float32 ``[..., D]`` unit-RMS vectors -> uint8 ``[..., bytes_per_vector(D)]``.
         decode(codes, dim): uint8 ``[..., bytes_per_vector(dim)]`` -> float32 ``[..., dim]``.
-        bytes_per_vector(dim): ``dim * bits // 8``.
+        bytes_per_vector(dim): packed bytes of one ``dim``-element vector (``dim * bits // 8`` for every code
+            here); the cache sizes its code buffers with it (``CodecEntry.bytes_per_vector``).
     """
 
     bits: int
@@ -104,8 +107,12 @@ def check_decode_input(codes: Tensor, dim: int, nbytes: int, owner: str) -> None
         )
 
 
+#: Bits per coordinate the scalar codes offer (``2**bits`` levels, bit-packed).
+SCALAR_BITS = tuple(range(1, 9))
+
+
 def _check_bits(bits: int, owner: str) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SCALAR_BITS:
         raise ValueError(f"{owner}: bits must be an int in 1..8, got {bits!r}")
 
 

@@ -14,7 +14,9 @@ class TokenScorer:
     """Ranks candidate tokens of a prefill chunk for eviction: a higher score means more worth keeping.
 
     Subclasses override :meth:`score`; everything is per (sequence, KV head), so a batch of left-padded
-    prompts gets exactly the scores each prompt would get alone.
+    prompts gets exactly the scores each prompt would get alone. A subclass's fields are named after the
+    :class:`~nqcompile.Preset` fields that set them (:func:`~nqcompile.policy.registry.make_scorer` fills them),
+    and it is registered in :data:`~nqcompile.policy.registry.SCORERS`.
     """
 
     def score(

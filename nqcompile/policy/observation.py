@@ -42,17 +42,19 @@ def observation_logits(query: torch.Tensor, key: torch.Tensor, *, query_time: to
 
 @dataclass(frozen=True)
 class ObservationScorer(TokenScorer):
-    """Mean attention probability from the last ``window`` real queries of each sequence.
+    """Mean attention probability from the last ``observation_window`` real queries of each sequence.
 
     Args:
-        window: number of last (non-padding) queries per sequence that vote.
+        observation_window: number of last (non-padding) queries per sequence that vote (the preset field of
+            that name sets it).
     """
 
-    window: int = 32
+    observation_window: int = 32
 
     def score(self, *, query, key, query_time, key_time, key_valid, scaling) -> torch.Tensor:
         logits, obs_real = observation_logits(query, key, query_time=query_time, key_time=key_time,
-                                              key_valid=key_valid, window=self.window, scaling=scaling)
+                                              key_valid=key_valid, window=self.observation_window,
+                                              scaling=scaling)
         groups = logits.shape[2]
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing visible -> 0
         probs = probs * obs_real[:, None, None, :, None]

@@ -8,14 +8,15 @@ import torch
 from nqcompile.codec.e8 import e8_nearest, is_in_e8
 from nqcompile.codec.lattice import (
     DEFAULT_GAIN,
+    E8_BITS,
     E8LatticeCode,
     _CENTROIDS,
     _labels,
     _representatives,
-    code_for,
     voronoi_centroid,
 )
-from nqcompile.codec.scalar import FixedRateCode, LloydMaxCode, UniformScalarCode, gaussian_lloyd_max
+from nqcompile.codec.registry import CODECS, code_for
+from nqcompile.codec.scalar import LloydMaxCode, UniformScalarCode, gaussian_lloyd_max
 from nqcompile.codec.scalar import gaussian_uniform_step
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
 
@@ -135,14 +136,13 @@ def test_zero_vectors_and_dtypes():
     assert y.dtype == torch.float32 and torch.all(y[0, 0, 0] == 0)
 
 
-def test_factory_and_interface():
+def test_registry_classes_and_byte_counts():
+    """Each registered name builds its class, at every width it offers, and packs bits * dim / 8 bytes per vector."""
     for kind, cls in (("e8", E8LatticeCode), ("lloyd_max", LloydMaxCode), ("uniform", UniformScalarCode)):
-        for b in (2, 3, 4):
-            c = code_for(kind, b)
-            assert isinstance(c, cls) and isinstance(c, FixedRateCode) and c.bits == b
-            assert c.bytes_per_vector(64) == 8 * b and c.bytes_per_vector(80) == 10 * b
-    assert code_for("e8", 3) is code_for("e8", 3)
-    assert set(DEFAULT_GAIN) == {2, 3, 4}
+        for b in CODECS[kind].bits:
+            assert isinstance(code_for(kind, b), cls)
+            assert CODECS[kind].bytes_per_vector(b, 64) == 8 * b and CODECS[kind].bytes_per_vector(b, 80) == 10 * b
+    assert CODECS["e8"].bits == E8_BITS == tuple(DEFAULT_GAIN) == tuple(_CENTROIDS)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "lloyd_max"])
