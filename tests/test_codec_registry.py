@@ -81,7 +81,8 @@ def test_cache_allocates_what_the_preset_formula_says(name, bits):
     assert torch.isfinite(out.logits).all()
     hadamard = 64 * 64 * 4
     expected = hadamard + sum(
-        preset.layer_bytes(batch=2, kv_heads=layer.heads, head_dim=layer.head_dim, capacity=layer.capacity, itemsize=4,
+        preset.layer_bytes(batch=2, kv_heads=layer.storage.heads, head_dim=layer.storage.head_dim,
+                           capacity=layer.storage.capacity, itemsize=4,
                            rotary_dim=layer.rotary.rotary_dim, position_bytes=2) for layer in cache.layers)
     report = cache.memory_report()
     assert report.allocated_bytes == expected

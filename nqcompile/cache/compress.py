@@ -34,7 +34,8 @@ class ChunkPolicy:
     Attributes:
         preset: the cache's preset.
         eviction_ratio: fraction of each chunk's tokens this layer evicts.
-        scorer: the token scorer, or ``None`` when the scores come from a re-reading (``"reconstruction"``).
+        scorer: the token scorer, or ``None`` when the scores come from the model's re-reading (a scorer that
+            ``needs_model`` in :data:`nqcompile.policy.SCORERS`).
         relaxable: whether the first chunk may lower the key bits (``Preset.relax_key_kl``).
     """
 

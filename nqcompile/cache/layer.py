@@ -25,10 +25,10 @@ import threading
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..codec.lattice import code_for
+from ..codec.registry import code_for
 from ..models.rope_spec import RotarySpec
 from ..ops.layout import BLOCK_TOKENS
-from ..policy import make_scorer
+from ..policy import SCORERS, make_scorer
 from ..presets import Preset
 from .compress import ChunkPolicy, compress_chunk
 from .reread import Deferred, candidate_scores, reread_piece
@@ -84,9 +84,7 @@ class NexusLayer(CacheLayerMixin):
         #: A decode step has static shapes and reads no length on the host once the logical capacity is known.
         self.is_compileable = max_cache_len is not None
         self.policy = ChunkPolicy(
-            preset=preset, eviction_ratio=eviction_ratio,
-            scorer=None if preset.scorer == "reconstruction" else make_scorer(
-                preset.scorer, observation_window=preset.observation_window),
+            preset=preset, eviction_ratio=eviction_ratio, scorer=make_scorer(preset.scorer, **preset.to_dict()),
             relaxable=preset.relax_key_kl > 0 and bits == (preset.key_bits, preset.value_bits))
         #: What the layer holds; built at the first ``update`` (batch, dtype and device are known then).
         self.storage: LayerStorage | None = None
@@ -213,9 +211,10 @@ class NexusLayer(CacheLayerMixin):
         """
         if self.chunks:
             raise ValueError("ingest() only fills an empty layer")
-        if self.policy.evicting and self.preset.scorer in ("observation", "reconstruction"):
-            raise ValueError("ingest() has no queries (nor a model to re-read with): use scorer='key_diff' or "
-                             "'key_norm', or no eviction")
+        needs = SCORERS[self.preset.scorer]
+        if self.policy.evicting and (needs.needs_queries or needs.needs_model):
+            raise ValueError(f"ingest() has no queries (nor a model) for scorer={self.preset.scorer!r}: use a scorer "
+                             "that needs neither (key_diff, key_norm), or no eviction")
         if self.policy.relaxable:
             raise ValueError("ingest() has no queries to measure relax_key_kl with: pass relax_key_kl=0 "
                              "(every layer then keeps key_bits)")

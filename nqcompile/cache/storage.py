@@ -23,6 +23,7 @@ import torch
 
 from .. import ops
 from ..codec.hadamard import hadamard_matrix
+from ..codec.registry import CODECS
 from ..models.rope_spec import RotarySpec
 from ..ops.layout import BLOCK_TOKENS, round_up_to_block
 from ..ops.reference import write_slots
@@ -128,7 +129,8 @@ class LayerStorage:
         d, c = self.head_dim, self.codec
         if c.kind == "exact":
             return (d,), (d,), self.dtype
-        return (c.key_bits * d // 8,), (c.value_bits * d // 8,), torch.uint8
+        code = CODECS[c.kind]
+        return (code.bytes_per_vector(c.key_bits, d),), (code.bytes_per_vector(c.value_bits, d),), torch.uint8
 
     def _allocate_codes(self, capacity: int) -> None:
         """(Re)allocate the code buffers with ``capacity`` token slots, copying what is held bit for bit."""
@@ -156,7 +158,7 @@ class LayerStorage:
         c = self.codec
         self.warm_cap = self.preset.warm_tokens_for((c.key_bits, c.value_bits)) if c.kind != "exact" else 0
         b, h, w = self.batch, self.heads, self.warm_cap
-        row = self.preset.warm_bits * self.head_dim // 8
+        row = CODECS[c.kind].bytes_per_vector(self.preset.warm_bits, self.head_dim) if w else 0
         u8 = dict(dtype=torch.uint8, device=self.device)
         self.warm_k_codes, self.warm_v_codes = torch.zeros(b, h, w, row, **u8), torch.zeros(b, h, w, row, **u8)
         self.warm_k_scales, self.warm_v_scales = torch.zeros(b, h, w, **u8), torch.zeros(b, h, w, **u8)

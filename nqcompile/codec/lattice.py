@@ -449,13 +449,3 @@ def _row_pieces(m: int) -> list[tuple[int, int]]:
         del bounds[-2]
     return list(zip(bounds[:-1], bounds[1:]))
 
-
-def __getattr__(name: str):
-    """``code_for`` now lives in :mod:`nqcompile.codec.registry`; this alias keeps
-    ``from nqcompile.codec.lattice import code_for`` (nqcompile/cache/layer.py) working until it imports from there.
-    A module attribute resolved lazily because the registry imports this module."""
-    if name == "code_for":
-        from .registry import code_for
-
-        return code_for
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
