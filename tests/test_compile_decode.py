@@ -1,0 +1,98 @@
+"""A decode step over a NexusCache compiles (default Inductor backend, fullgraph) with no graph break and no
+recompile, and gives the eager cache's greedy tokens."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+import nqcompile
+from nqcompile.models import cache_kwarg_name, load_pretrained
+from tiny_models import tiny_model
+
+STEPS = 64
+# A 16-token window and a 32-token warm tier flush several times in 64 steps; a 32-token minimum evicts from the
+# prompt. Fixed key bits: the test is about shapes, not the relax trial.
+SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _greedy(model, ids: torch.Tensor, cache, step) -> list[int]:
+    """Prefill ``ids`` eagerly (re-reading when the preset asks for it), then ``STEPS`` greedy steps through ``step``."""
+    kw = cache_kwarg_name(model)
+    with torch.no_grad():
+        out = model(ids, **{kw: cache})
+        if cache.awaiting_reconstruction:
+            cache.reconstruct(model, ids)
+        token, tokens = out.logits[:, -1:].argmax(-1), []
+        for _ in range(STEPS):
+            token = step(token, **{kw: cache}).logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+    return tokens
+
+
+def _assert_one_graph():
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("kind, preset", [("llama", "quant_only"), ("llama", "balanced"), ("qwen2", "asym"),
+                                          ("phi3", "balanced")])
+def test_compiled_decode_step_matches_eager_with_one_graph(kind, preset):
+    model = nqcompile.optimize(tiny_model(kind), preset, **SMALL)
+    ids = torch.randint(1, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+
+    def fresh():
+        return nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + STEPS + 1)
+
+    eager = _greedy(model, ids, fresh(), model.forward)
+    compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, fullgraph=True))
+    assert compiled == eager
+    _assert_one_graph()
+
+
+def test_generate_with_compile_config_compiles_decode():
+    """generate builds a NexusCache sized for the prompt and new tokens, and compiles its decode steps: a
+    left-padded batch of two gives the eager tokens."""
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", **SMALL)
+    ids = torch.randint(1, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :20] = 0
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told otherwise
+    compiled = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, compile_config=config)
+    assert torch.equal(compiled, eager)
+    _assert_one_graph()
+
+
+def test_a_cache_without_max_cache_len_is_not_compileable():
+    model = tiny_model("llama")
+    assert not nqcompile.NexusCache(model.config, "quant_only").is_compileable
+    assert nqcompile.NexusCache(model.config, "quant_only", max_cache_len=64).is_compileable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["quant_only", "balanced"])
+def test_compiled_decode_on_smollm2(preset):
+    model, tokenizer = load_pretrained()
+    nqcompile.optimize(model, preset)
+    text = nqcompile.eval.read_data_text("prompt.txt")
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
+
+    def fresh():
+        return nqcompile.NexusCache(model.config, preset, max_cache_len=ids.shape[1] + STEPS + 1)
+
+    eager = _greedy(model, ids, fresh(), model.forward)
+    compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, fullgraph=True))
+    assert compiled == eager
+    _assert_one_graph()
