@@ -451,3 +451,32 @@ def test_second_turn_scores_take_their_softmax_over_the_codes_of_the_first_turn_
     want = attn[..., 4 + n:keys.shape[2]].unflatten(1, (layer.storage.heads, -1)).amax(dim=(2, 3))  # window, then turn 2
     got = torch.cat([layer._recon_scores[..., :w], layer._recon_scores[..., RECON["recent_window"]:]], -1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset,opts", [("balanced", RECON), ("quant_only", WARM)])
+def test_code_capacity_follows_what_the_chunks_keep(preset, opts):
+    """A prompt fed in chunks into a cache sized for all of it: after each chunk the code buffers hold what is
+    kept plus room for the tokens still to come (which may all be decoded), never a slot per logical token; after
+    the last chunk only the decode room is unused, and decoding fills it without growing the buffers."""
+    model = nqcompile.optimize(tiny_model("llama"), preset, **opts)
+    ids = torch.randint(1, 256, (1, 400), generator=torch.Generator().manual_seed(11))
+    steps = 24
+    cache = nqcompile.NexusCache(model.config, preset, max_cache_len=400 + steps, **opts)
+    layers = [layer for layer in cache.layers if isinstance(layer, NexusLayer)]
+    with torch.no_grad():
+        for start in range(0, 400, 100):
+            model(ids[:, start:start + 100], past_key_values=cache)
+            spare = 400 + steps - (start + 100)
+            for layer in layers:
+                st = layer.storage
+                held = int((st.code_len + st.warm_len + st.win_len).max())
+                assert st.capacity == ops.round_up_to_block(held + spare + ops.BLOCK_TOKENS), (start, st.capacity)
+        capacity = [layer.storage.capacity for layer in layers]
+        for _ in range(steps):
+            model(ids[:, :1], past_key_values=cache)
+    assert [layer.storage.capacity for layer in layers] == capacity  # planned: no growth while decoding
+    if cache.preset.eviction_ratio:  # evicted tokens take no slot: far fewer than the logical tokens
+        assert max(int(layer.storage.code_len.max()) for layer in layers) < 0.6 * 400
+    for layer in layers:  # what stays unused is the room for the tokens still exact, and the flush slack
+        st = layer.storage
+        assert st.capacity - int(st.code_len.max()) <= int((st.win_len + st.warm_len).max()) + 2 * ops.BLOCK_TOKENS
