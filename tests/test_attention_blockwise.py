@@ -12,6 +12,7 @@ from allocations import peak_allocated_bytes
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.ops import blockwise
+from nqcompile.policy.reconstruction import max_attention_probability, reconstruction_scores
 
 #: (key_bits, value_bits) per codec kind (ignored by ``exact``, whose codes are float tensors).
 KINDS = {"exact": (16, 16), "e8": (4, 2), "lloyd_max": (3, 2), "uniform": (4, 3)}
@@ -149,6 +150,26 @@ def test_transient_memory_does_not_grow_with_the_held_tokens(monkeypatch):
     decoded_keys = B * H * 4096 * D * 4
     assert peaks[4096] <= peaks[512] * 1.05, peaks
     assert peaks[4096] < decoded_keys / 2, (peaks, decoded_keys)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scores_from_the_ops_lse_equal_reconstruction_scores_over_decoded_keys(kind):
+    """The re-reading's scores two ways: the op's log-sum-exp and the exact target keys alone, or every code
+    decoded (dequant_kv) and concatenated with the exact keys; padding queries excluded in both."""
+    args = held(kind, torch.float64, False, seed=13)
+    query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask = args[:10]
+    *codec, scaling = args[10:]
+    real = torch.tensor([[True] * Q, [False, False] + [True] * (Q - 2)])
+    target = slice(2, E - 1)  # exact tokens 2..7: the window and chunk of the layer
+    _, lse = ops.dequant_attention_lse(*args)
+    got = max_attention_probability(query, exact_k[:, :, target], exact_mask[:, :, target] & real[:, :, None], lse,
+                                    scaling=scaling)
+    ck = k_codes if kind == "exact" else ops.dequant_kv(k_codes, k_scales, v_codes, v_scales, code_pos, *codec)[0]
+    coded = (torch.arange(C)[None] < code_len[:, None])[:, None, :].expand(-1, Q, -1)
+    want = reconstruction_scores(query, torch.cat([ck.to(exact_k.dtype), exact_k], 2),
+                                 torch.cat([coded, exact_mask], -1) & real[:, :, None], scaling=scaling,
+                                 target=slice(C + target.start, C + target.stop))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0, msg=lambda m: f"kind={kind}\n{m}")
 
 
 @settings(max_examples=60, deadline=None)
