@@ -52,15 +52,17 @@ def tile_sizes(batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: in
     Returns:
         ``(query_tile, key_block)``: the largest key block whose ``[B, H, key_block, D]`` keys fit
         :data:`KEY_BLOCK_BYTES` (and one query's scores ``[B, Hq, 1, key_block]`` :data:`SCORE_TILE_BYTES`),
-        then the largest query tile whose scores ``[B, Hq, query_tile, key_block]`` fit :data:`SCORE_TILE_BYTES`,
-        at most ``q_len``. A budget smaller than one token still gets tiles of 1.
+        then the query tile: as many tiles as the largest one whose scores ``[B, Hq, query_tile, key_block]`` fit
+        :data:`SCORE_TILE_BYTES` needs to cover ``q_len``, split evenly (``ceil(q_len / tiles)``; even GEMMs run
+        faster than a large one and a small remainder). A budget smaller than one token still gets tiles of 1.
     """
     item = dtype.itemsize
     key_block = min(KEY_BLOCK_BYTES // max(1, batch * kv_heads * head_dim * item),
                     SCORE_TILE_BYTES // max(1, batch * q_heads * item), n_keys)
     key_block = max(1, key_block)
     query_tile = max(1, min(q_len, SCORE_TILE_BYTES // max(1, batch * q_heads * key_block * item)))
-    return query_tile, key_block
+    tiles = -(-q_len // query_tile)
+    return max(1, -(-q_len // tiles)), key_block  # the same tiles, evenly split
 
 
 def score_tile(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, rows: slice,
@@ -80,8 +82,27 @@ def score_tile(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, ro
     q = query[:, :, rows].to(key.dtype) * scaling  # [B, Hq, t, D]
     t = q.shape[2]
     s = torch.matmul(q.reshape(batch, kv_heads, q_heads // kv_heads * t, head_dim), key.transpose(-1, -2))
-    seen = visible if visible.shape[1] == 1 else visible[:, rows]
-    return s.view(batch, kv_heads, q_heads // kv_heads, t, n).masked_fill_(~seen[:, None, None], float("-inf"))
+    seen = visible if visible.shape[1] == 1 else visible[:, rows]  # [B, t or 1, n]
+    # An additive 0 / -inf bias: adding a broadcast float tile is far cheaper than masked_fill_ with a bool one.
+    bias = torch.zeros(seen.shape, dtype=s.dtype, device=s.device).masked_fill_(~seen, float("-inf"))
+    return s.view(batch, kv_heads, q_heads // kv_heads, t, n).add_(bias[:, None, None])
+
+
+def _absorb_tile(m, l, acc, query, key, value, visible, rows, scaling) -> None:
+    """Fold one score tile (queries ``rows`` x one key block) into the running state ``m``, ``l`` ``[B, H, G, q]``
+    and ``acc`` ``[B, H, G, q, D]`` (or None), in place; the tile dies on return."""
+    s = score_tile(query, key, visible, rows, scaling)  # [B, H, G, t, n]
+    m_old, l_old = m[..., rows], l[..., rows]
+    m_new = torch.maximum(m_old, s.amax(-1))
+    m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)  # nothing seen yet: exp(-inf - 0) = 0, never NaN
+    alpha = (m_old - m_use).exp_()
+    p = s.sub_(m_use[..., None]).exp_()
+    l_old.mul_(alpha).add_(p.sum(-1))
+    if acc is not None:
+        a = acc[..., rows, :]
+        pv = torch.matmul(p.view(*p.shape[:2], -1, p.shape[-1]), value)  # [B, H, G * t, D]
+        a.mul_(alpha[..., None]).add_(pv.view(a.shape))
+    m_old.copy_(m_new)
 
 
 def _online_softmax(query, blocks, scaling, query_tile, with_values):
@@ -92,25 +113,13 @@ def _online_softmax(query, blocks, scaling, query_tile, with_values):
     acc = torch.zeros(batch, q_heads, q_len, head_dim, dtype=compute, device=query.device) if with_values else None
     for key, value, visible in blocks:
         key, value = key.to(compute), value.to(compute) if with_values else None
-        kv_heads = key.shape[1]
-        groups = q_heads // kv_heads
-        m5, l5 = m.view(batch, kv_heads, groups, q_len), l.view(batch, kv_heads, groups, q_len)
+        state = (m.view(batch, key.shape[1], -1, q_len), l.view(batch, key.shape[1], -1, q_len),
+                 acc.view(batch, key.shape[1], -1, q_len, head_dim) if with_values else None)
         for start in range(0, q_len, query_tile):
-            rows = slice(start, start + query_tile)
-            s = score_tile(query, key, visible, rows, scaling)  # [B, H, G, t, n]
-            m_old, l_old = m5[..., rows], l5[..., rows]
-            m_new = torch.maximum(m_old, s.amax(-1))
-            m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)  # nothing seen yet: exp(-inf - 0) = 0
-            alpha = (m_old - m_use).exp_()
-            p = s.sub_(m_use[..., None]).exp_()
-            l_old.mul_(alpha).add_(p.sum(-1))
-            if with_values:
-                a = acc.view(batch, kv_heads, groups, q_len, head_dim)[..., rows, :]
-                pv = torch.matmul(p.view(batch, kv_heads, -1, p.shape[-1]), value)
-                a.mul_(alpha[..., None]).add_(pv.view(a.shape))
-            m_old.copy_(m_new)
+            _absorb_tile(*state, query, key, value, visible, slice(start, start + query_tile), scaling)
+        del key, value, visible  # dropped before the next block is produced: one block alive at a time
     lse = m + l.log()  # -inf for a query that saw nothing (m = -inf, l = 0)
-    out = acc / l.clamp(min=1.0)[..., None] if with_values else None  # l >= 1 once anything was seen
+    out = acc.div_(l.clamp(min=1.0)[..., None]) if with_values else None  # l >= 1 once anything was seen
     return out, lse
 
 

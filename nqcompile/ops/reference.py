@@ -123,22 +123,26 @@ def _(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_
     return k_codes.new_empty(shape, dtype=torch.float32), k_codes.new_empty(shape, dtype=torch.float32)
 
 
-def _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
-                 inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout,
+def _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, stop, codec):
+    """Code slots ``start:stop`` as ``(keys, values, visible)``: float32 keys/values ``[B, H, n, D]`` (the float codes
+    themselves for the ``exact`` kind) and ``visible = slot < limit`` ``[B, 1 or q, n]``."""
+    sl = slice(start, stop)
+    if codec[4] == "exact":  # the kind
+        k, v = k_codes[:, :, sl], v_codes[:, :, sl]
+    else:
+        k, v = _decode(k_codes[:, :, sl], k_scales[:, :, sl], v_codes[:, :, sl], v_scales[:, :, sl], code_pos[:, :, sl],
+                       *codec)
+    return k, v, torch.arange(start, start + k.shape[2], device=k.device) < limit
+
+
+def _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
                  key_block):
     """``(keys, values, visible)`` blocks of ``key_block`` tokens: the ``C`` code slots (decoded one block at a time,
-    masked by ``code_len``), then the ``E`` exact tokens (masked by ``exact_mask``)."""
+    masked by ``code_len``), then the ``E`` exact tokens (masked by ``exact_mask``). Holds no block between
+    yields."""
     limit = (code_len[:, None] if code_len.dim() == 1 else code_len)[:, :, None]  # [B, 1 or q, 1]
     for start in range(0, k_codes.shape[2], key_block):
-        sl = slice(start, start + key_block)
-        if kind == "exact":
-            k, v = k_codes[:, :, sl], v_codes[:, :, sl]
-        else:
-            k, v = _decode(k_codes[:, :, sl], k_scales[:, :, sl], v_codes[:, :, sl], v_scales[:, :, sl],
-                           code_pos[:, :, sl], hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
-                           attention_scaling, rotary_dim, layout)
-        slots = torch.arange(start, start + k.shape[2], device=k.device)
-        yield k, v, slots < limit
+        yield _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, start + key_block, codec)
     for start in range(0, exact_k.shape[2], key_block):
         sl = slice(start, start + key_block)
         yield exact_k[:, :, sl], exact_v[:, :, sl], exact_mask[:, :, sl]
@@ -150,9 +154,10 @@ def _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, 
     batch, q_heads, q_len, head_dim = query.shape
     query_tile, key_block = tile_sizes(batch, q_heads, k_codes.shape[1], head_dim, q_len,
                                        k_codes.shape[2] + exact_k.shape[2], compute_dtype(query.dtype))
-    blocks = _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
-                          hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
-                          rotary_dim, layout, key_block)
+    codec = (hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
+             layout)
+    blocks = _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
+                          key_block)
     out, lse = attention_blocks(query, blocks, scaling=scaling, query_tile=query_tile)
     return out.to(query.dtype), lse
 

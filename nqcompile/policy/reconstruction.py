@@ -94,14 +94,20 @@ def max_attention_probability(query: torch.Tensor, key: torch.Tensor, visible: t
     best = torch.empty(batch, kv_heads, n_keys, dtype=compute, device=query.device)
     for start in range(0, n_keys, key_block):
         cols = slice(start, start + key_block)
-        k = key[:, :, cols].to(compute)
-        top = torch.full((batch, kv_heads, k.shape[2]), float("-inf"), dtype=compute, device=query.device)
-        for q_start in range(0, q_len, query_tile):
-            rows = slice(q_start, q_start + query_tile)
-            s = score_tile(query, k, visible[:, :, cols], rows, scaling)  # [B, H, G, t, n]
-            top = torch.maximum(top, s.sub_(lse[..., rows, None]).amax(dim=(2, 3)))
-        best[..., cols] = top.exp()
+        best[..., cols] = _column_max(query, key[:, :, cols].to(compute), visible[:, :, cols], lse, scaling,
+                                      query_tile).exp_()
     return best
+
+
+def _column_max(query, key, visible, lse, scaling, query_tile) -> torch.Tensor:
+    """``max`` over queries and group of ``scaling * q . k - lse`` for one key block: ``[B, H, n]`` (``-inf`` where
+    no query sees the key), one score tile alive at a time."""
+    top = torch.full(key.shape[:3], float("-inf"), dtype=key.dtype, device=key.device)
+    for start in range(0, query.shape[2], query_tile):
+        rows = slice(start, start + query_tile)
+        top = torch.maximum(top, score_tile(query, key, visible, rows, scaling).sub_(lse[..., rows, None])
+                            .amax(dim=(2, 3)))
+    return top
 
 
 def allocate_across_layers(scores: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
