@@ -7,11 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from allocations import peak_allocated_bytes
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.ops import blockwise
+from nqcompile.ops.reference import _attention
 from nqcompile.policy.reconstruction import max_attention_probability, reconstruction_scores
 
 #: (key_bits, value_bits) per codec kind (ignored by ``exact``, whose codes are float tensors).
@@ -136,6 +138,20 @@ def test_opcheck_blockwise_attention(kind, op, per_query, monkeypatch):
     force_tiles(monkeypatch, QUERY_TILE, KEY_BLOCK, batch=B, q_heads=H * G, kv_heads=H, head_dim=D,
                 dtype=torch.float32)
     torch.library.opcheck(op, held(kind, torch.float32, per_query, seed=11))
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["code_len[B]", "code_len[B,q]"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_reference_never_reads_a_value_on_the_host(kind, per_query, monkeypatch):
+    """CUDA-graph capturable: the torch reference runs on fake tensors, where ``.item()``, ``nonzero`` and every
+    other data-dependent step raise."""
+    force_tiles(monkeypatch, QUERY_TILE, KEY_BLOCK, batch=B, q_heads=H * G, kv_heads=H, head_dim=D,
+                dtype=torch.float32)
+    args = held(kind, torch.float32, per_query, seed=17)
+    ops.dequant_attention(*args)  # builds the codebook tables for real
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out, lse = _attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert out.shape == args[0].shape and lse.shape == args[0].shape[:3]
 
 
 def test_transient_memory_does_not_grow_with_the_held_tokens(monkeypatch):

@@ -5,12 +5,13 @@ from unittest import mock
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from allocations import peak_allocated_bytes
 from nqcompile.ops import blockwise
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 from nqcompile.policy.key_bits import attention_kl
-from nqcompile.policy.reconstruction import allocate_across_layers, reconstruction_scores
+from nqcompile.policy.reconstruction import allocate_across_layers, max_attention_probability, reconstruction_scores
 
 
 @settings(max_examples=50, deadline=None)
@@ -226,3 +227,14 @@ def test_reconstruction_scores_transient_memory_does_not_grow_with_the_keys():
     dense_logits = 4 * 64 * 4096 * 4
     assert peaks[4096] <= peaks[512] * 1.05, peaks
     assert peaks[4096] < dense_logits / 8, (peaks, dense_logits)
+
+
+def test_reconstruction_scores_never_read_a_value_on_the_host():
+    """CUDA-graph capturable: both scorers run on fake tensors, where every data-dependent step raises."""
+    with FakeTensorMode() as mode, mock.patch.object(blockwise, "SCORE_TILE_BYTES", 4 * 3 * 5 * 4):
+        query, key = mode.from_tensor(torch.randn(1, 4, 7, 8)), mode.from_tensor(torch.randn(1, 2, 11, 8))
+        visible = mode.from_tensor(torch.ones(1, 7, 11, dtype=torch.bool))
+        scores = reconstruction_scores(query, key, visible, scaling=0.3, target=slice(2, 9))
+        lse = mode.from_tensor(torch.zeros(1, 4, 7))
+        probabilities = max_attention_probability(query, key, visible, lse, scaling=0.3)
+    assert scores.shape == (1, 2, 7) and probabilities.shape == (1, 2, 11)
