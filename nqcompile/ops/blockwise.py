@@ -14,7 +14,8 @@ by ``exp(m_old - m_new)`` when the max grows, so ``acc / l`` equals the dense so
 Loop order: key blocks outer, query tiles inner, so each key block is produced (decoded, for codes) once;
 the state of all ``q`` queries (``acc`` ``[B, Hq, q, D]``, ``m``, ``l``) grows with the queries of a call, not with
 the keys. Transient memory: the state, one key/value block (:data:`KEY_BLOCK_BYTES` each, plus whatever
-producing it takes) and one score tile (:data:`SCORE_TILE_BYTES`, exponentiated in place, plus its bool mask).
+producing it takes) and one score tile (:data:`SCORE_TILE_BYTES`, exponentiated in place, plus its 0 / -inf mask
+bias ``[B, query_tile, key_block]``).
 Both budgets are read at call time; tests shrink them to force many tiles.
 
 Every loop bound is a shape, so the functions never synchronize with the device (CUDA-graph capturable).
@@ -60,9 +61,9 @@ def tile_sizes(batch: int, q_heads: int, kv_heads: int, head_dim: int, q_len: in
     key_block = min(KEY_BLOCK_BYTES // max(1, batch * kv_heads * head_dim * item),
                     SCORE_TILE_BYTES // max(1, batch * q_heads * item), n_keys)
     key_block = max(1, key_block)
-    query_tile = max(1, min(q_len, SCORE_TILE_BYTES // max(1, batch * q_heads * key_block * item)))
-    tiles = -(-q_len // query_tile)
-    return max(1, -(-q_len // tiles)), key_block  # the same tiles, evenly split
+    largest = max(1, min(q_len, SCORE_TILE_BYTES // max(1, batch * q_heads * key_block * item)))
+    tiles = max(1, -(-q_len // largest))
+    return max(1, -(-q_len // tiles)), key_block  # as many tiles as the largest needs, evenly split
 
 
 def score_tile(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, rows: slice,
@@ -83,7 +84,7 @@ def score_tile(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, ro
     t = q.shape[2]
     s = torch.matmul(q.reshape(batch, kv_heads, q_heads // kv_heads * t, head_dim), key.transpose(-1, -2))
     seen = visible if visible.shape[1] == 1 else visible[:, rows]  # [B, t or 1, n]
-    # An additive 0 / -inf bias: adding a broadcast float tile is far cheaper than masked_fill_ with a bool one.
+    # Adding a 0 / -inf bias broadcast over the heads costs far less (on CPU) than masked_fill_ over the tile.
     bias = torch.zeros(seen.shape, dtype=s.dtype, device=s.device).masked_fill_(~seen, float("-inf"))
     return s.view(batch, kv_heads, q_heads // kv_heads, t, n).add_(bias[:, None, None])
 
@@ -113,8 +114,8 @@ def _online_softmax(query, blocks, scaling, query_tile, with_values):
     acc = torch.zeros(batch, q_heads, q_len, head_dim, dtype=compute, device=query.device) if with_values else None
     for key, value, visible in blocks:
         key, value = key.to(compute), value.to(compute) if with_values else None
-        state = (m.view(batch, key.shape[1], -1, q_len), l.view(batch, key.shape[1], -1, q_len),
-                 acc.view(batch, key.shape[1], -1, q_len, head_dim) if with_values else None)
+        grouped = (batch, key.shape[1], q_heads // key.shape[1], q_len)  # [B, H, G, q]
+        state = (m.view(grouped), l.view(grouped), acc.view(*grouped, head_dim) if with_values else None)
         for start in range(0, q_len, query_tile):
             _absorb_tile(*state, query, key, value, visible, slice(start, start + query_tile), scaling)
         del key, value, visible  # dropped before the next block is produced: one block alive at a time
