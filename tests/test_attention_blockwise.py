@@ -63,8 +63,9 @@ def held(kind, dtype, per_query, seed, *, capacity=C, n_exact=E, q_len=Q):
                  torch.zeros(B, H, capacity, dtype=torch.uint8),
                  torch.zeros(B, H, capacity, value_bits * D // 8, dtype=torch.uint8),
                  torch.zeros(B, H, capacity, dtype=torch.uint8))
-        ops.write_kv(*store, keys, values, code_pos.expand(B, H, capacity).contiguous(), torch.zeros(B, dtype=torch.long),
-                     torch.full((B,), capacity), *codec)
+        positions = code_pos.expand(B, H, capacity).contiguous()
+        ops.write_kv(*store, keys, values, positions, torch.zeros(B, dtype=torch.long), torch.full((B,), capacity),
+                     *codec)
     code_len = (torch.randint(0, capacity + 1, (B, q_len), generator=g) if per_query
                 else torch.tensor([capacity - 4, capacity // 2]))
     exact_mask = torch.rand(B, q_len, n_exact, generator=g) < 0.6
@@ -223,3 +224,4 @@ def test_tile_sizes_fit_the_budgets():
         assert blockwise.tile_sizes(1, 32, 8, 128, 8192, 100, torch.float32) == (4096, 100)  # two even tiles
         assert blockwise.tile_sizes(1, 32, 8, 128, 8192, 131072, torch.float64) == (128, 2048)
         assert blockwise.tile_sizes(1, 2**30, 1, 1, 5, 7, torch.float32) == (1, 1)  # budget below one token
+        assert blockwise.tile_sizes(1, 32, 8, 128, 0, 0, torch.float32) == (1, 1)  # nothing to attend
