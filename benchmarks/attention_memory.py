@@ -45,10 +45,8 @@ def held_tokens(args, n_tokens: int, q_len: int, device: torch.device) -> tuple:
              (1.0 / (500000.0 ** (torch.arange(0, dim, 2).float() / dim))).to(device),
              torch.zeros(2, 1, heads, dim, device=device), torch.ones(2, 1, heads, dim, device=device),
              "e8", args.key_bits, args.value_bits, 1.0, dim, "half")
-    store = [torch.zeros(1, heads, distinct, bits * dim // 8, dtype=torch.uint8, device=device)
-             for bits in (args.key_bits, args.value_bits)]
-    store = [store[0], torch.zeros(1, heads, distinct, dtype=torch.uint8, device=device),
-             store[1], torch.zeros(1, heads, distinct, dtype=torch.uint8, device=device)]
+    store = [torch.zeros(1, heads, distinct, *tail, dtype=torch.uint8, device=device)  # k/v codes and scale codes
+             for tail in ((args.key_bits * dim // 8,), (), (args.value_bits * dim // 8,), ())]
     key, value = (torch.randn(1, heads, distinct, dim, generator=g).to(device) for _ in range(2))
     positions = torch.arange(distinct, device=device).expand(1, heads, distinct).contiguous()
     ops.write_kv(*store, key, value, positions, torch.zeros(1, dtype=torch.long, device=device),
