@@ -1,12 +1,17 @@
 """Eviction policy: top-k selection, budgets, scorers against brute-force references."""
 
+from unittest import mock
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from allocations import peak_allocated_bytes
+from nqcompile.ops import blockwise
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 from nqcompile.policy.key_bits import attention_kl
-from nqcompile.policy.reconstruction import allocate_across_layers, reconstruction_scores
+from nqcompile.policy.reconstruction import allocate_across_layers, max_attention_probability, reconstruction_scores
 
 
 @settings(max_examples=50, deadline=None)
@@ -171,3 +176,65 @@ def test_allocate_across_layers_takes_the_best_slots_of_each_layers_best_head(ba
             cut = taken[-1][0]
             for layer, s in enumerate(scores):
                 assert all(int((s[b, h] > cut).sum()) <= int(counts[layer][b]) for h in range(heads))
+
+
+def _dense_reconstruction_scores(query, key, visible, scaling, target):
+    """The scores with every logit at once, in float64: ``[B, Hq, q, N]`` logits, log-sum-exp, max over the group."""
+    n_q, n_kv = query.shape[1], key.shape[1]
+    logits = query.double() @ key.double().repeat_interleave(n_q // n_kv, 1).transpose(-1, -2) * scaling
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    lse = logits.logsumexp(-1, keepdim=True)
+    p = (logits[..., target] - lse.masked_fill(lse == float("-inf"), float("inf"))).exp()
+    return p.unflatten(1, (n_kv, n_q // n_kv)).amax(dim=(2, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([torch.float32, torch.float64]), st.sampled_from([(2, 1), (6, 2), (3, 3)]),
+       st.integers(1, 40), st.integers(1, 12), st.integers(1, 5), st.integers(1, 9), st.data())
+def test_blockwise_reconstruction_scores_equal_the_dense_scores(dtype, heads, n_keys, n_queries, query_tile,
+                                                                key_block, data):
+    """Tiles of a few queries and keys (remainders included) give the scores of one dense softmax."""
+    n_q, n_kv = heads
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    query = (torch.randn(2, n_q, n_queries, 8, generator=g, dtype=torch.float64) * 2).to(dtype)
+    key = torch.randn(2, n_kv, n_keys, 8, generator=g, dtype=torch.float64).to(dtype)
+    visible = torch.rand(2, n_queries, n_keys, generator=g) < 0.7
+    lo = data.draw(st.integers(0, n_keys - 1))
+    target = slice(lo, data.draw(st.integers(lo + 1, n_keys)))
+    item = dtype.itemsize
+    with mock.patch.object(blockwise, "SCORE_TILE_BYTES", 2 * n_q * query_tile * key_block * item), \
+            mock.patch.object(blockwise, "KEY_BLOCK_BYTES", 2 * n_kv * key_block * 8 * item):
+        assert blockwise.tile_sizes(2, n_q, n_kv, 8, n_queries, n_keys, dtype)[1] == min(key_block, n_keys)
+        got = reconstruction_scores(query, key, visible, scaling=0.3, target=target)
+    tol = dict(atol=1e-12, rtol=0) if dtype == torch.float64 else dict(atol=2e-6, rtol=0)
+    torch.testing.assert_close(got.double(), _dense_reconstruction_scores(query, key, visible, 0.3, target), **tol,
+                               msg=lambda m: f"dtype={dtype} heads={heads} tiles={query_tile}x{key_block} "
+                                             f"target={target}\n{m}")
+
+
+def test_reconstruction_scores_transient_memory_does_not_grow_with_the_keys():
+    """Peak allocations over 4,096 keys equal those over 512 (the dense logits alone grow 8x)."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 64, 16, generator=g)
+    peaks = {}
+    with mock.patch.object(blockwise, "SCORE_TILE_BYTES", 4 * 8 * 64 * 4), \
+            mock.patch.object(blockwise, "KEY_BLOCK_BYTES", 2 * 64 * 16 * 4):
+        for n in (512, 4096):
+            key = torch.randn(1, 2, n, 16, generator=g)
+            visible = torch.rand(1, 64, n, generator=g) < 0.9
+            peaks[n] = peak_allocated_bytes(
+                lambda: reconstruction_scores(query, key, visible, scaling=0.25, target=slice(n - 64, n)))
+    dense_logits = 4 * 64 * 4096 * 4
+    assert peaks[4096] <= peaks[512] * 1.05, peaks
+    assert peaks[4096] < dense_logits / 8, (peaks, dense_logits)
+
+
+def test_reconstruction_scores_never_read_a_value_on_the_host():
+    """CUDA-graph capturable: both scorers run on fake tensors, where every data-dependent step raises."""
+    with FakeTensorMode() as mode, mock.patch.object(blockwise, "SCORE_TILE_BYTES", 4 * 3 * 5 * 4):
+        query, key = mode.from_tensor(torch.randn(1, 4, 7, 8)), mode.from_tensor(torch.randn(1, 2, 11, 8))
+        visible = mode.from_tensor(torch.ones(1, 7, 11, dtype=torch.bool))
+        scores = reconstruction_scores(query, key, visible, scaling=0.3, target=slice(2, 9))
+        lse = mode.from_tensor(torch.zeros(1, 4, 7))
+        probabilities = max_attention_probability(query, key, visible, lse, scaling=0.3)
+    assert scores.shape == (1, 2, 7) and probabilities.shape == (1, 2, 11)

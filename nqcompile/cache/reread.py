@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..policy.reconstruction import reconstruction_scores
+from ..policy.reconstruction import max_attention_probability
 from .compress import ChunkPolicy, split
-from .storage import LayerStorage, first_slots
+from .storage import LayerStorage
 
 __all__ = ["Deferred", "reread_piece", "candidate_scores"]
 
@@ -52,20 +52,19 @@ def reread_piece(st: LayerStorage, deferred: Deferred | None, query: torch.Tenso
         ``(out [B, Hq, r, D], scores)``: with a deferred chunk, ``scores`` ``[B, H, R + L]`` holds for each
         candidate (window, then chunk: :func:`~.compress.split`'s order) the largest attention probability (softmax
         over everything the layer holds and the piece) that any real query of the piece pays it
-        (:func:`~nqcompile.policy.reconstruction.reconstruction_scores`); else None.
+        (:func:`~nqcompile.policy.reconstruction.max_attention_probability` against the attention's own
+        log-sum-exp); else None.
     """
     held_back = (deferred.key, deferred.value, deferred.real) if deferred is not None else None
-    out, keys, mask = st.attend_chunk(query, key, value, real, scaling, held_back)
+    out, lse, keys, mask = st.attend_chunk(query, key, value, real, scaling, held_back, with_lse=held_back is not None)
     if held_back is None:
         return out, None
-    # The softmax of the scores runs over everything the layer holds, codes of earlier turns included.
-    ck = st.decode_codes()
-    n = ck.shape[2]
-    r, end = key.shape[2], n + keys.shape[2] - key.shape[2]  # end of the deferred chunk
-    coded = first_slots(st.code_len, n)[:, None, :].expand(-1, r, -1)
+    # Probabilities of the softmax the attention took, over everything the layer holds (codes of earlier turns
+    # included): its log-sum-exp normalizes them, so the codes need no second decoding.
+    end = keys.shape[2] - key.shape[2]  # end of the deferred chunk
     target = slice(end - deferred.key.shape[2] - st.win_k.shape[2], end)  # window, then the chunk
-    scores = reconstruction_scores(query, torch.cat([ck.to(keys.dtype), keys], 2),
-                                   torch.cat([coded, mask], -1) & real[:, :, None], scaling=scaling, target=target)
+    scores = max_attention_probability(query, keys[:, :, target], mask[:, :, target] & real[:, :, None], lse,
+                                       scaling=scaling)
     return out, scores
 
 

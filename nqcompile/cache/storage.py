@@ -256,35 +256,30 @@ class LayerStorage:
         ks, vs, valid = ks + [self.win_k], vs + [self.win_v], valid + [first_slots(self.win_len, self.win_k.shape[2])]
         return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valid, 1)
 
-    def decode_codes(self) -> torch.Tensor:
-        """Keys of the coded tokens, ``[B, H, n, D]`` (``n``: the longest sequence's ``code_len``), float32 post-RoPE
-        (the model's dtype for exact storage). Reads ``n`` on the host (chunk ends only)."""
-        n = int(self.code_len.max())
-        if self.kind == "exact":
-            return self.k_codes[:, :, :n]
-        pos = self.code_positions()[:, :, :n].expand(-1, self.heads, -1)
-        return ops.dequant_kv(self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
-                              self.v_scales[:, :, :n], pos, *self.codec.as_op_args())[0]
-
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-               scaling: float, code_len: torch.Tensor | None = None, *, full: bool = False) -> torch.Tensor:
+               scaling: float, code_len: torch.Tensor | None = None, *, full: bool = False, with_lse: bool = False):
         """Attention of ``query`` ``[B, Hq, q, D]`` over the codes and the exact ``keys``/``values`` ``[B, H, E, D]``
         (``mask`` ``[B, q, E]``) through :func:`nqcompile.ops.dequant_attention`; ``code_len`` ``[B]`` or ``[B, q]``
         limits the codes each query sees (default: all held). ``full`` passes every slot of the capacity (static
-        shapes, a decode step); otherwise only the slots up to the longest sequence's end, read on the host."""
+        shapes, a decode step); otherwise only the slots up to the longest sequence's end, read on the host.
+
+        Returns:
+            ``[B, Hq, q, D]`` in the query's dtype; with ``with_lse``, also each query's log-sum-exp ``[B, Hq, q]``
+            (:func:`nqcompile.ops.dequant_attention_lse`).
+        """
         n = self.capacity if full else int(self.code_len.max())
-        return ops.dequant_attention(
-            query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n], self.v_scales[:, :, :n],
-            self.code_positions()[:, :, :n], self.code_len if code_len is None else code_len, keys, values, mask,
-            *self.codec.as_op_args(), scaling)
+        op = ops.dequant_attention_lse if with_lse else ops.dequant_attention
+        return op(query, self.k_codes[:, :, :n], self.k_scales[:, :, :n], self.v_codes[:, :, :n],
+                  self.v_scales[:, :, :n], self.code_positions()[:, :, :n], self.code_len if code_len is None else code_len,
+                  keys, values, mask, *self.codec.as_op_args(), scaling)
 
     def attend_chunk(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, real: torch.Tensor,
-                     scaling: float, held_back: tuple[torch.Tensor, ...] | None = None):
+                     scaling: float, held_back: tuple[torch.Tensor, ...] | None = None, *, with_lse: bool = False):
         """Attention of ``q`` new tokens (keys/values ``[B, H, q, D]``, ``real`` ``[B, q]``) over the codes, the exact
         segment, a chunk held back for its re-reading (``(keys, values, real)``, or None) and, causally, themselves.
 
-        Returns ``(out [B, Hq, q, D], keys [B, H, E, D], mask [B, q, E])``: the output and the exact keys and mask
-        it used (codes excluded).
+        Returns ``(out [B, Hq, q, D], lse [B, Hq, q] or None, keys [B, H, E, D], mask [B, q, E])``: the output, each
+        query's log-sum-exp (``with_lse``), and the exact keys and mask it used (codes excluded).
         """
         q_len = key.shape[2]
         ek, ev, valid = self.exact_segment()
@@ -295,7 +290,9 @@ class LayerStorage:
             hk, hv, hreal = held_back
             ks, vs, seen = ks + [hk], vs + [hv], seen + [hreal[:, None, :].expand(-1, q_len, -1)]
         keys, values, mask = torch.cat(ks + [key], 2), torch.cat(vs + [value], 2), torch.cat(seen + [own], -1)
-        return self.attend(query, keys, values, mask, scaling), keys, mask
+        result = self.attend(query, keys, values, mask, scaling, with_lse=with_lse)
+        out, lse = result if with_lse else (result, None)
+        return out, lse, keys, mask
 
     # ------------------------------------------------------------------ accounting
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ custom ops with their torch reference and fake implementations) and the storage 
 (:mod:`.layout`)."""
 
 from .layout import BLOCK_TOKENS, round_up_to_block
-from .reference import dequant_attention, dequant_kv, gather_tokens, write_kv
+from .reference import dequant_attention, dequant_attention_lse, dequant_kv, gather_tokens, write_kv
 
-__all__ = ["BLOCK_TOKENS", "round_up_to_block", "write_kv", "gather_tokens", "dequant_kv", "dequant_attention"]
+__all__ = ["BLOCK_TOKENS", "round_up_to_block", "write_kv", "gather_tokens", "dequant_kv", "dequant_attention",
+           "dequant_attention_lse"]

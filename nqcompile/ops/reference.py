@@ -7,20 +7,21 @@ in a graph and the Triton kernels can replace the reference on CUDA without the 
 The storage layout the ops read and write is in :mod:`nqcompile.ops.layout`.
 
 Ops:
-    ``nqcompile::write_kv``          quantize new keys/values and write them at per-sequence offsets (mutating).
-    ``nqcompile::gather_tokens``     evict/compact: keep the selected tokens of a chunk, in order.
-    ``nqcompile::dequant_kv``        decode stored tokens back to float keys (RoPE re-applied) and values.
-    ``nqcompile::dequant_attention`` attention of queries over codes (dequantized on the fly) plus an exact segment.
+    ``nqcompile::write_kv``               quantize new keys/values and write them at per-sequence offsets (mutating).
+    ``nqcompile::gather_tokens``          evict/compact: keep the selected tokens of a chunk, in order.
+    ``nqcompile::dequant_kv``             decode stored tokens back to float keys (RoPE re-applied) and values.
+    ``nqcompile::dequant_attention``      attention of queries over codes (decoded blockwise) plus an exact segment.
+    ``nqcompile::dequant_attention_lse``  the same, also returning each query's log-sum-exp.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
+from .blockwise import attention_blocks, compute_dtype, tile_sizes
 
-__all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention", "write_slots"]
+__all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention", "dequant_attention_lse", "write_slots"]
 
 
 @torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
@@ -131,6 +132,45 @@ def _(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_
     return k_codes.new_empty(shape, dtype=torch.float32), k_codes.new_empty(shape, dtype=torch.float32)
 
 
+def _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, stop, codec):
+    """Code slots ``start:stop`` as ``(keys, values, visible)``: float32 keys/values ``[B, H, n, D]`` (the float codes
+    themselves for the ``exact`` kind) and ``visible = slot < limit`` ``[B, 1 or q, n]``."""
+    sl = slice(start, stop)
+    if codec[4] == "exact":  # the kind
+        k, v = k_codes[:, :, sl], v_codes[:, :, sl]
+    else:
+        k, v = _decode(k_codes[:, :, sl], k_scales[:, :, sl], v_codes[:, :, sl], v_scales[:, :, sl], code_pos[:, :, sl],
+                       *codec)
+    return k, v, torch.arange(start, start + k.shape[2], device=k.device) < limit
+
+
+def _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
+                 key_block):
+    """``(keys, values, visible)`` blocks of ``key_block`` tokens: the ``C`` code slots (decoded one block at a time,
+    masked by ``code_len``), then the ``E`` exact tokens (masked by ``exact_mask``). Holds no block between
+    yields."""
+    limit = (code_len[:, None] if code_len.dim() == 1 else code_len)[:, :, None]  # [B, 1 or q, 1]
+    for start in range(0, k_codes.shape[2], key_block):
+        yield _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, start + key_block, codec)
+    for start in range(0, exact_k.shape[2], key_block):
+        sl = slice(start, start + key_block)
+        yield exact_k[:, :, sl], exact_v[:, :, sl], exact_mask[:, :, sl]
+
+
+def _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
+               hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
+               layout, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, q_heads, q_len, head_dim = query.shape
+    query_tile, key_block = tile_sizes(batch, q_heads, k_codes.shape[1], head_dim, q_len,
+                                       k_codes.shape[2] + exact_k.shape[2], compute_dtype(query.dtype))
+    codec = (hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
+             layout)
+    blocks = _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
+                          key_block)
+    out, lse = attention_blocks(query, blocks, scaling=scaling, query_tile=query_tile)
+    return out.to(query.dtype), lse
+
+
 @torch.library.custom_op("nqcompile::dequant_attention", mutates_args=())
 def dequant_attention(
     query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
@@ -141,7 +181,12 @@ def dequant_attention(
 ) -> torch.Tensor:
     """Softmax attention of ``query`` over the compressed tokens and an exact segment.
 
-    Computed in float32 (float64 for a float64 query); codes decode to float32.
+    Blockwise (:mod:`nqcompile.ops.blockwise`: online softmax, Milakov & Gimelshein 2018, arXiv:1805.02867;
+    Dao et al. 2022, arXiv:2205.14135): all ``C`` code slots are decoded one key block at a time (to float32,
+    by the codec functions of :func:`dequant_kv`) and masked by ``code_len``, then the exact segment follows in
+    blocks; neither the full scores nor the full decoded keys/values are materialized. Computed in float32
+    (float64 for a float64 query). A query that sees no key at all (impossible in the cache, where each query
+    sees itself) gets a zero output.
 
     Args:
         query: ``[B, Hq, q, D]`` post-RoPE queries; ``Hq`` a multiple of the KV heads ``H`` (GQA).
@@ -159,24 +204,44 @@ def dequant_attention(
     Returns:
         ``[B, Hq, q, D]`` attention output in ``query``'s dtype.
     """
-    batch, capacity = code_len.shape[0], k_codes.shape[2]
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    if kind == "exact":
-        kc, vc = k_codes, v_codes
-    else:
-        kc, vc = _decode(k_codes, k_scales, v_codes, v_scales, code_pos, hadamard, inv_freq, norm_mean, norm_scale,
-                         kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
-    limit = code_len[:, None] if code_len.dim() == 1 else code_len  # [B, 1 or q]
-    code_mask = torch.arange(capacity, device=query.device)[None, None, :] < limit[:, :, None]  # [B, 1|q, C]
-    mask = torch.cat([code_mask.expand(batch, query.shape[2], capacity), exact_mask], dim=-1)
-    keys = torch.cat([kc.to(compute), exact_k.to(compute)], dim=2)
-    values = torch.cat([vc.to(compute), exact_v.to(compute)], dim=2)
-    out = F.scaled_dot_product_attention(query.to(compute), keys, values, attn_mask=mask[:, None], scale=scaling,
-                                         enable_gqa=query.shape[1] != keys.shape[1])
-    return out.to(query.dtype)
+    return _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
+                      hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
+                      rotary_dim, layout, scaling)[0]
 
 
 @dequant_attention.register_fake
 def _(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
       inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling):
     return torch.empty_like(query)
+
+
+@torch.library.custom_op("nqcompile::dequant_attention_lse", mutates_args=())
+def dequant_attention_lse(
+    query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+    code_pos: torch.Tensor, code_len: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor,
+    exact_mask: torch.Tensor, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
+    norm_scale: torch.Tensor, kind: str, key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int,
+    layout: str, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dequant_attention` that also returns each query's log-sum-exp (the softmax normalizer).
+
+    The normalizer is what :func:`~nqcompile.policy.reconstruction.max_attention_probability` needs to turn
+    scores of a few target keys into probabilities of the softmax over everything held.
+
+    Args:
+        as :func:`dequant_attention`.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, Hq, q, D]`` in ``query``'s dtype, as :func:`dequant_attention`; ``lse``
+        ``[B, Hq, q]`` float32 (float64 for a float64 query), ``log sum exp(scaling * q . k)`` over the keys the
+        query sees, ``-inf`` for a query that sees none.
+    """
+    return _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
+                      hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
+                      rotary_dim, layout, scaling)
+
+
+@dequant_attention_lse.register_fake
+def _(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
+      inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling):
+    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=compute_dtype(query.dtype))

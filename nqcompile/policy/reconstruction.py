@@ -14,22 +14,34 @@ least the tokens that KVzip's own threshold would keep for it.
 
 The re-reading is one more forward pass over the chunk (:meth:`nqcompile.NexusCache.reconstruct`, run by
 the hook that :func:`nqcompile.optimize` installs), in pieces of :data:`REREAD_TOKENS` tokens.
+
+A probability needs its query's softmax normalizer (log-sum-exp) over everything held, but only the
+candidates' scores: :func:`max_attention_probability` takes the normalizer from the attention call itself
+(``nqcompile::dequant_attention_lse``) and scores the candidate keys alone; :func:`reconstruction_scores`
+computes it from float keys. Both work blockwise (:mod:`nqcompile.ops.blockwise`), with transients bounded
+by one score tile whatever the context length.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["REREAD_TOKENS", "reconstruction_scores", "allocate_across_layers"]
+from ..ops.blockwise import compute_dtype, logsumexp_blocks, score_tile, tile_sizes
+
+__all__ = ["REREAD_TOKENS", "reconstruction_scores", "max_attention_probability", "allocate_across_layers"]
 
 #: Tokens of the chunk re-read per forward call (KVzip re-reads long contexts in pieces of 2K tokens).
 REREAD_TOKENS = 2048
-_QUERY_BLOCK = 256
 
 
 def reconstruction_scores(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, *, scaling: float,
                           target: slice) -> torch.Tensor:
     """Largest attention probability each target key receives from any query of the re-reading.
+
+    Blockwise, in two passes over key blocks and query tiles sized by :func:`~nqcompile.ops.blockwise.tile_sizes`:
+    each query's log-sum-exp over all ``N`` keys by online softmax (Milakov & Gimelshein 2018,
+    arXiv:1805.02867), then :func:`max_attention_probability` over the target keys; no ``[B, Hq, q, N]`` tensor
+    is materialized.
 
     Args:
         query: ``[B, Hq, q, D]`` post-RoPE queries of the re-reading, ``Hq`` a multiple of ``Hkv`` (GQA).
@@ -45,21 +57,57 @@ def reconstruction_scores(query: torch.Tensor, key: torch.Tensor, visible: torch
         queries and the query heads of each KV head's group of ``softmax(q k^T * scaling)``, the softmax taken
         over all ``N`` keys.
     """
-    batch, n_q_heads, q_len, head_dim = query.shape
-    n_kv_heads = key.shape[1]
-    compute = torch.promote_types(query.dtype, torch.float32)
-    k = key.to(compute)
-    best = torch.zeros(batch, n_kv_heads, k[:, :, target].shape[2], dtype=compute, device=query.device)
-    for start in range(0, q_len, _QUERY_BLOCK):
-        q = query[:, :, start:start + _QUERY_BLOCK].to(compute)
-        q = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, q.shape[2], head_dim)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, k).mul_(scaling)
-        logits.masked_fill_(~visible[:, None, None, start:start + _QUERY_BLOCK], float("-inf"))
-        # max over queries of p = exp(logit - logsumexp): only the target slice is exponentiated.
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # a query that sees nothing pays nothing
-        best = torch.maximum(best, (logits[..., target] - lse).amax(dim=(2, 3)).exp())
+    batch, q_heads, q_len, head_dim = query.shape
+    query_tile, key_block = tile_sizes(batch, q_heads, key.shape[1], head_dim, q_len, key.shape[2],
+                                       compute_dtype(query.dtype))
+    blocks = ((key[:, :, s:s + key_block], visible[:, :, s:s + key_block]) for s in range(0, key.shape[2], key_block))
+    lse = logsumexp_blocks(query, blocks, scaling=scaling, query_tile=query_tile)
+    return max_attention_probability(query, key[:, :, target], visible[:, :, target], lse, scaling=scaling)
+
+
+def max_attention_probability(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, lse: torch.Tensor, *,
+                              scaling: float) -> torch.Tensor:
+    """Per key, the largest ``exp(scaling * q . k - lse)`` over the queries that see it and the query heads of its
+    KV head's group: attention probabilities of a softmax whose normalizer ``lse`` was computed elsewhere.
+
+    Blockwise over key blocks and query tiles (:func:`~nqcompile.ops.blockwise.tile_sizes`): the transient is one
+    score tile, whatever the number of keys.
+
+    Args:
+        query: ``[B, Hq, q, D]`` post-RoPE queries, ``Hq`` a multiple of ``Hkv`` (GQA).
+        key: ``[B, Hkv, T, D]`` post-RoPE keys to score.
+        visible: ``[B, q, T]`` bool, which of them each query sees (and counts: mask out padding queries here).
+        lse: ``[B, Hq, q]`` each query's log-sum-exp of ``scaling * q . k`` over everything it attends to (the
+            second output of ``nqcompile::dequant_attention_lse``); ``-inf`` for a query that sees nothing,
+            which contributes nothing.
+        scaling: softmax scale.
+
+    Returns:
+        ``[B, Hkv, T]`` float32 (float64 for a float64 query) probabilities in [0, 1]; 0 for a key no query sees.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    compute = compute_dtype(query.dtype)
+    query_tile, key_block = tile_sizes(batch, q_heads, kv_heads, head_dim, q_len, n_keys, compute)
+    lse = lse.to(compute).masked_fill(lse == float("-inf"), float("inf"))  # p = exp(s - inf) = 0
+    lse = lse.view(batch, kv_heads, q_heads // kv_heads, q_len)
+    best = torch.empty(batch, kv_heads, n_keys, dtype=compute, device=query.device)
+    for start in range(0, n_keys, key_block):
+        cols = slice(start, start + key_block)
+        best[..., cols] = _column_max(query, key[:, :, cols].to(compute), visible[:, :, cols], lse, scaling,
+                                      query_tile).exp_()
     return best
+
+
+def _column_max(query, key, visible, lse, scaling, query_tile) -> torch.Tensor:
+    """``max`` over queries and group of ``scaling * q . k - lse`` for one key block: ``[B, H, n]`` (``-inf`` where
+    no query sees the key), one score tile alive at a time."""
+    top = torch.full(key.shape[:3], float("-inf"), dtype=key.dtype, device=key.device)
+    for start in range(0, query.shape[2], query_tile):
+        rows = slice(start, start + query_tile)
+        top = torch.maximum(top, score_tile(query, key, visible, rows, scaling).sub_(lse[..., rows, None])
+                            .amax(dim=(2, 3)))
+    return top
 
 
 def allocate_across_layers(scores: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
