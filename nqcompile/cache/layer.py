@@ -324,7 +324,9 @@ class NexusLayer(CacheLayerMixin):
         if key_kl is not None:
             self.key_kl = key_kl
         self.chunks += 1
-        self.storage.mark_static()
+        if not torch.compiler.is_compiling():  # a plan step: the buffers decode steps mutate stay where they are
+            self.storage.mark_static()
+            torch._dynamo.mark_static_address(self._length)
 
     # ------------------------------------------------------------------ reconstruction
     def reconstruction_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
