@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .constants import on_device
+
 __all__ = ["d8_nearest", "e8_nearest", "is_in_e8"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -72,7 +74,7 @@ def _d8(x: Tensor) -> Tensor:
         # non-negative float32 orders like the float, so one integer amax over keys whose 3 low bits
         # hold (7 - index) finds the first maximum. The 3 cleared mantissa bits make errors within
         # 2**-20 relative of each other compare equal (exact for dyadic inputs such as lattice points).
-        key = (err.abs().view(torch.int32) & -8) | _REV8.to(x.device)
+        key = (err.abs().view(torch.int32) & -8) | on_device(_REV8, x.device)
         k = (7 - (key.amax(dim=-1, keepdim=True) & 7)).long()
     else:
         k = err.abs().argmax(dim=-1, keepdim=True)
@@ -120,7 +122,7 @@ def _e8_t_slice(x: Tensor, out: Tensor, zero_only: bool = False) -> None:
     err = torch.sub(xs, f)
     ebits = err.view(torch.int32)
     # The re-rounded coordinate: the first one of largest |err| (the same keys as _d8's fast path).
-    key = torch.bitwise_and(ebits, _SIGNLESS).bitwise_or_(_REV8_COL.to(x.device))
+    key = torch.bitwise_and(ebits, _SIGNLESS).bitwise_or_(on_device(_REV8_COL, x.device))
     kmax = key.amax(dim=1, keepdim=True)  # [2, 1, n], >= 7
     # thr = kmax - 1 for odd blocks, INT32_MAX for even ones, so that the sign bit of thr - key is set
     # exactly at the re-rounded coordinate of odd blocks (no overflow: keys are non-negative int32).

@@ -57,6 +57,7 @@ from torch import Tensor
 from nqcompile.codec.e8 import _e8_t, _e8_t_is_zero, _rowsum
 from nqcompile.codec.packing import pack_groups, unpack_groups
 from nqcompile.codec.scalar import check_decode_input, check_dim, check_float_vectors
+from nqcompile.codec.constants import on_device
 
 __all__ = [
     "E8LatticeCode",
@@ -125,7 +126,7 @@ def _labels_t(y: Tensor, q: int) -> Tensor:
     Exact: y has half-integer coordinates and G^-1 entries in (1/2) Z, so every product and partial
     sum of the matrix product is exact in float32 whatever the summation order.
     """
-    k = torch.round(_GINV.T.to(y.device) @ y).to(torch.int32)
+    k = torch.round(on_device(_GINV, y.device).T @ y).to(torch.int32)
     return k.bitwise_and_(q - 1)  # = remainder(k, q) for q a power of 2 (two's complement)
 
 
@@ -326,7 +327,7 @@ class E8LatticeCode:
     def _decode_t(self, k: Tensor) -> Tensor:
         """Decoded blocks, coordinate-major: labels k int32 [8, N] -> float32 [8, N]."""
         c = _representatives_t(k, self.q)
-        return (c - self.shift.to(c.device).unsqueeze(-1)) * self.gain
+        return (c - on_device(self.shift, c.device).unsqueeze(-1)) * self.gain
 
     def _table(self, device: torch.device) -> Tensor:
         """The decoded blocks of all 2**16 labels at 2 bits, float32 [65536, 8] (built once per device)."""
@@ -348,7 +349,7 @@ class E8LatticeCode:
     def _encode_blocks(self, xb: Tensor) -> Tensor:
         """Labels int32 [8, N] (coordinate-major) of blocks xb float32 [N, 8] (unit-RMS units)."""
         q = self.q
-        u = xb / self.gain + self.shift.to(xb.device)  # lattice units
+        u = xb / self.gain + on_device(self.shift, xb.device)  # lattice units
         ut = u.T.contiguous()
         y = _e8_t(ut)
         z = _e8_t(y / q)
@@ -402,7 +403,7 @@ def _local_search(u: Tensor, best_c: Tensor, q: int, steps: int) -> None:
     implementation (all rows still moving), as a float32 matrix product can round differently for
     different numbers of rows.
     """
-    vecs = _minimal_vectors().to(u.device)
+    vecs = on_device(_minimal_vectors(), u.device)
     nv = vecs.shape[0]
     active = torch.arange(u.shape[0], device=u.device)
     for _ in range(steps):

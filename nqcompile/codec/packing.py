@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .constants import on_device
+
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 
 #: _BYTE_LUT[bits][b, j] = value j of byte b for bits in {1, 2, 4} (whole values per byte).
@@ -131,7 +133,7 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         )
     lead = packed.shape[:-1]
     if bits in _BYTE_LUT:
-        lut = _BYTE_LUT[bits].to(packed.device)
+        lut = on_device(_BYTE_LUT[bits], packed.device)
         return lut[packed.long()].reshape(*lead, n)
     if n % 8 == 0:
         groups = unpack_groups(packed.reshape(-1, bits), bits)  # [8, rows * groups]

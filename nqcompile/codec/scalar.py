@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from nqcompile.codec.packing import pack_bits, unpack_bits
+from nqcompile.codec.constants import on_device
 
 __all__ = [
     "FixedRateCode",
@@ -263,7 +264,7 @@ class _ScalarCode:
         """
         check_decode_input(codes, dim, self.bytes_per_vector(dim), type(self).__name__)
         idx = unpack_bits(codes, self.bits, dim).long()
-        return self._levels32().to(codes.device)[idx]
+        return on_device(self._levels32(), codes.device)[idx]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bits={self.bits})"
@@ -327,4 +328,4 @@ class LloydMaxCode(_ScalarCode):
         return self._lv
 
     def _index(self, x: Tensor) -> Tensor:
-        return torch.bucketize(x, self._th.to(x.device))
+        return torch.bucketize(x, on_device(self._th, x.device))

@@ -24,7 +24,10 @@ from .blockwise import attention_blocks, compute_dtype, tile_sizes
 __all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention", "dequant_attention_lse", "write_slots"]
 
 
-@torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
+# The reference encoder sizes its E8 codebook search by the data (which blocks overflow the codebook), so it cannot
+# run inside a CUDA-graph capture: tagged cudagraph_unsafe, Inductor runs it between CUDA-graph partitions.
+@torch.library.custom_op("nqcompile::write_kv", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def write_kv(
     k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
     key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, dest: torch.Tensor, count: torch.Tensor,
