@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .attention import register_attention
+from .attention import CACHE_KWARG, register_attention
 from .cache import NexusCache
 from .policy.registry import SCORERS
 from .presets import Preset, get_preset
@@ -23,10 +23,12 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     It registers the ``"nexusquant"`` attention (transformers' ``AttentionInterface``), switches the model
     to it, and wraps this model's ``generate`` so that a :class:`~nqcompile.NexusCache` sized for the
     prompt plus ``max_new_tokens`` is built when no ``past_key_values`` is passed; a ``NexusCache`` passed
-    to continue a conversation gets room for the new turn. A forward hook has the model re-read each prefill
-    chunk that the cache holds back for a scorer that ``needs_model`` (:data:`~nqcompile.policy.registry.SCORERS`;
-    ``"reconstruction"``): :meth:`NexusCache.reconstruct`, one more forward pass over the chunk. For other
-    scorers it does nothing. Calling it again replaces the hook and the wrapper. The model's weights and dtype are untouched, and it still runs exactly with a plain
+    to continue a conversation gets room for the new turn. Its ``forward`` is wrapped to hand a ``NexusCache``
+    among its arguments on to the attention functions (:data:`~nqcompile.attention.CACHE_KWARG`). A forward hook
+    has the model re-read each prefill chunk that the cache holds back for a scorer that ``needs_model``
+    (:data:`~nqcompile.policy.registry.SCORERS`; ``"reconstruction"``): :meth:`NexusCache.reconstruct`, one more
+    forward pass over the chunk. For other scorers it does nothing. Calling it again replaces the hook and the
+    wrappers. The model's weights and dtype are untouched, and it still runs exactly with a plain
     ``DynamicCache``.
 
     Args:
@@ -73,12 +75,29 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
 
     generate.__nqcompile_original__ = original
     model.generate = generate
+    forward = getattr(model.forward, "__nqcompile_original__", model.forward)
+    model.forward = _passing_the_cache(forward)
     previous = getattr(model, "_nqcompile_reconstruct_hook", None)
     if previous is not None:
         previous.remove()
     model._nqcompile_reconstruct_hook = model.register_forward_hook(_reconstruct_after_prefill, with_kwargs=True)
     model.nqcompile_preset = chosen
     return model
+
+
+def _passing_the_cache(forward):
+    """Wrap a model's bound ``forward`` so that the :class:`~nqcompile.NexusCache` among its arguments (or None) also
+    reaches the attention functions, as the keyword argument :data:`~nqcompile.attention.CACHE_KWARG` (transformers
+    passes a model's extra keyword arguments to every attention call). ``torch.compile(model.forward)`` compiles
+    the wrapper."""
+
+    @functools.wraps(forward)
+    def wrapped(*args: Any, **kwargs: Any):
+        kwargs[CACHE_KWARG] = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+        return forward(*args, **kwargs)
+
+    wrapped.__nqcompile_original__ = forward
+    return wrapped
 
 
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:

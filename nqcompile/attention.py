@@ -1,9 +1,11 @@
 """The ``nexusquant`` attention implementation, registered with transformers' ``AttentionInterface``.
 
 Every attention module of a model calls ``cache.update(...)`` and then the attention function of
-``config._attn_implementation`` on the tensors ``update`` returned. When those tensors come from a
-:class:`~nqcompile.cache.layer.NexusLayer`, :func:`nexus_attention_forward` hands the query to that layer, which
-attends over its packed codes, exact sinks, exact window and the new tokens through
+``config._attn_implementation`` on the tensors ``update`` returned, with the model's extra keyword arguments.
+The forward that :func:`nqcompile.optimize` wraps passes the model's :class:`~nqcompile.NexusCache` as one of them
+(:data:`CACHE_KWARG`), so no state travels outside the call: when the module's layer of that cache is a
+:class:`~nqcompile.cache.layer.NexusLayer`, :func:`nexus_attention_forward` hands it the query and the new keys and
+values; it attends over its packed codes, exact sinks, exact window and the new tokens through
 ``nqcompile::dequant_attention`` and then stores the new tokens. For any other cache layer (a plain
 ``DynamicCache``, a sliding-window layer left as it is) it is transformers' own SDPA attention.
 
@@ -18,12 +20,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache.layer import claim_layer
+from .cache import NexusCache, NexusLayer
 
-__all__ = ["ATTN_IMPLEMENTATION", "nexus_attention_forward", "register_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "CACHE_KWARG", "nexus_attention_forward", "register_attention"]
 
 #: Name under which the attention and mask functions are registered.
 ATTN_IMPLEMENTATION = "nexusquant"
+#: The keyword argument that carries the model's :class:`~nqcompile.NexusCache` down to the attention function
+#: (the forward that :func:`nqcompile.optimize` wraps adds it; transformers passes a model's extra keyword
+#: arguments on to every attention call).
+CACHE_KWARG = "nqcompile_cache"
 
 
 def _new_token_flags(attention_mask: torch.Tensor | None, seen: torch.Tensor | int, batch: int, q_len: int,
@@ -52,16 +58,25 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         attention_mask: the 4D boolean mask from ``sdpa_mask`` (``[B, 1, q, kv]``) or ``None``.
         dropout: must be 0 for a compressed layer (inference only).
         scaling: softmax scale, default ``head_dim ** -0.5``.
-        **kwargs: ``position_ids`` (``[B or 1, q]``) is read; others are passed to SDPA for plain layers.
+        **kwargs: ``nqcompile_cache`` (:data:`CACHE_KWARG`: the model's cache, whose layer ``module.layer_idx``
+            this call attends with) and ``position_ids`` (``[B or 1, q]``) are read; the others are passed to
+            SDPA for plain layers.
 
     Returns:
         ``(attn_output [B, q, Hq, D], None)`` like transformers' attention functions.
 
     Raises:
+        RuntimeError: the model was not prepared by :func:`nqcompile.optimize` (no ``nqcompile_cache`` argument:
+            a NexusCache would then be left unread, silently).
         NotImplementedError: ``output_attentions=True`` or dropout on a compressed layer.
     """
-    layer = claim_layer(key)
-    if layer is None:
+    if CACHE_KWARG not in kwargs:
+        raise RuntimeError("the nexusquant attention runs in models prepared by nqcompile.optimize(model, preset), "
+                           "whose forward hands the NexusCache to it; call optimize instead of setting the "
+                           "attention implementation by hand (and call the model, not its inner base model)")
+    cache = kwargs.pop(CACHE_KWARG)
+    layer = cache.layers[module.layer_idx] if isinstance(cache, NexusCache) else None
+    if not isinstance(layer, NexusLayer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
@@ -74,7 +89,7 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         positions = torch.arange(q_len, device=query.device)[None] + layer.get_seq_length()
     positions = positions.to(torch.int64).expand(batch, q_len)
     real = _new_token_flags(attention_mask, layer.get_seq_length(), batch, q_len, query.device)
-    out = layer.attend(query, real=real, positions=positions,
+    out = layer.attend(query, key, value, real=real, positions=positions,
                        scaling=scaling if scaling is not None else head_dim**-0.5)
     return out.transpose(1, 2).contiguous(), None
 

@@ -81,3 +81,15 @@ def test_reconstruction_past_the_length_where_longrope_changes_frequencies():
     with torch.no_grad():
         model(torch.randint(1, 256, (1, 120)), past_key_values=nqcompile.NexusCache(model.config,
                                                                                    model.nqcompile_preset))
+
+
+def test_nexusquant_attention_without_optimize_refuses_instead_of_leaving_the_cache_unread():
+    """Setting the attention implementation by hand skips optimize's forward, which hands the cache to the
+    attention: the call fails with a message naming optimize instead of attending over the new tokens alone."""
+    from nqcompile.attention import register_attention
+
+    model = tiny_model("llama")
+    model.set_attn_implementation(register_attention())
+    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=64)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"nqcompile.optimize\(model, preset\)"):
+        model(torch.ones(1, 8, dtype=torch.long), past_key_values=cache)

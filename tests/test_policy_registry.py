@@ -13,7 +13,6 @@ import torch
 from transformers import DynamicCache
 
 import nqcompile
-from nqcompile.attention import register_attention
 from nqcompile.policy.registry import SCORERS, make_scorer
 from tiny_models import tiny_model
 
@@ -69,8 +68,8 @@ def test_scores_shape_dtype_and_padding_independence(name, dtype):
 def test_only_model_scored_entries_wait_for_the_rereading(name):
     """Without optimize's hook, a chunk to evict from stays deferred exactly for a scorer that needs the model;
     NexusCache.reconstruct then compresses it."""
-    model = tiny_model("llama")
-    model.set_attn_implementation(register_attention())
+    model = nqcompile.optimize(tiny_model("llama"), _evicting(name))
+    model._nqcompile_reconstruct_hook.remove()
     cache = nqcompile.NexusCache(model.config, _evicting(name))
     ids = torch.randint(1, 256, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -20,8 +20,6 @@ kept; what attention reads).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -35,24 +33,7 @@ from .reread import Deferred, candidate_scores, reread_piece
 from .storage import LayerStorage
 from .tiers import decode_steps
 
-__all__ = ["NexusLayer", "claim_layer"]
-
-
-class _Handoff(threading.local):
-    """Links a layer's ``update`` to the attention call that follows it in the same attention module."""
-
-    layer: "NexusLayer | None" = None
-    key: torch.Tensor | None = None
-
-
-_HANDOFF = _Handoff()
-
-
-def claim_layer(key: torch.Tensor) -> "NexusLayer | None":
-    """Return the :class:`NexusLayer` whose ``update`` just returned ``key`` (and forget it), else ``None``."""
-    layer, expected = _HANDOFF.layer, _HANDOFF.key
-    _HANDOFF.layer = _HANDOFF.key = None
-    return layer if expected is key else None
+__all__ = ["NexusLayer"]
 
 
 class NexusLayer(CacheLayerMixin):
@@ -97,7 +78,6 @@ class NexusLayer(CacheLayerMixin):
         self._length = torch.zeros((), dtype=torch.int64)
         self._host_length: int | None = 0
         self.chunks = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         #: A prefill chunk held exactly until its reconstruction pass (scorer="reconstruction"), and the
         #: scores that pass gives its candidates so far.
         self.deferred: Deferred | None = None
@@ -138,10 +118,11 @@ class NexusLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Stage the new keys/values ``[B, H, q, D]`` for the attention call that follows; returns them unchanged.
+        """Check the new keys/values ``[B, H, q, D]`` (allocating the storage on the first call); returns them
+        unchanged.
 
-        Nothing is stored here: the ``nexusquant`` attention function (which receives these very tensors)
-        writes them through :meth:`attend`, where positions and padding are known.
+        Nothing is stored here: the ``nexusquant`` attention function receives these very tensors and passes them
+        to :meth:`attend`, where positions and padding are known.
 
         Raises:
             ValueError: keys of another batch size or dtype than the layer holds.
@@ -154,8 +135,6 @@ class NexusLayer(CacheLayerMixin):
                 f"NexusCache layer holds batch {st.batch} in {st.dtype}, got keys of batch {key_states.shape[0]} "
                 f"in {key_states.dtype}; use one cache per batch and keep the model's dtype"
             )
-        self._pending = (key_states, value_states)
-        _HANDOFF.layer, _HANDOFF.key = self, key_states
         return key_states, value_states
 
     def get_seq_length(self) -> torch.Tensor | int:
@@ -255,12 +234,13 @@ class NexusLayer(CacheLayerMixin):
             )
 
     # ------------------------------------------------------------------ attention
-    def attend(self, query: torch.Tensor, *, real: torch.Tensor, positions: torch.Tensor,
-               scaling: float) -> torch.Tensor:
-        """Attention for the staged keys/values, then storage of them.
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, real: torch.Tensor,
+               positions: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of the new tokens over what the layer holds and themselves, then storage of them.
 
         Args:
             query: ``[B, Hq, q, D]`` post-RoPE queries.
+            key, value: ``[B, H, q, D]`` the new tokens' post-RoPE keys and values (what :meth:`update` returned).
             real: ``[B, q]`` bool, False for padding tokens of a chunk.
             positions: ``[B, q]`` int64 RoPE positions of the new tokens.
             scaling: softmax scale.
@@ -269,13 +249,11 @@ class NexusLayer(CacheLayerMixin):
             ``[B, Hq, q, D]`` attention output in the query's dtype.
 
         Raises:
-            RuntimeError: no staged keys, or a chunk awaits its re-reading.
+            RuntimeError: no :meth:`update` before, or a chunk awaits its re-reading.
             ValueError: past ``max_cache_len``.
         """
-        if self._pending is None:
-            raise RuntimeError("NexusLayer.attend called without a preceding update()")
-        key, value = self._pending
-        self._pending = None
+        if self.storage is None:
+            raise RuntimeError("NexusLayer.attend called before update(): the attention module updates the cache first")
         if self.rereading:
             self.rotary.check_length(int(positions.max()) + 1)
             out, scores = reread_piece(self.storage, self.deferred, query, key, value, real, scaling)
