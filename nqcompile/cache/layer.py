@@ -25,7 +25,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..codec.registry import code_for
 from ..models.rope_spec import RotarySpec
-from ..ops.layout import BLOCK_TOKENS
+from ..ops.layout import round_up_to_block
 from ..policy import SCORERS, make_scorer
 from ..presets import Preset
 from .compress import ChunkPolicy, compress_chunk
@@ -274,8 +274,8 @@ class NexusLayer(CacheLayerMixin):
                 self._check_logical(q_len)
                 self.rotary.check_length(self.seen_tokens() + q_len)
                 if self.max_cache_len is None:  # unbounded: grow on the host before the static step
-                    st = self.storage
-                    st.ensure_capacity(int((st.code_len + st.warm_len + st.win_len).max()) + q_len + BLOCK_TOKENS)
+                    st = self.storage  # it writes round_up(q) slots at the codes' end (reserve_for_decode)
+                    st.ensure_capacity(int(st.code_len.max()) + round_up_to_block(q_len))
             self._advance(q_len)
             return decode_steps(self.storage, query, key, value, positions, scaling)
         self._check_logical(q_len)

@@ -180,19 +180,22 @@ class LayerStorage:
     def reserve_for_decode(self, spare: int | None) -> None:
         """Size the code buffers for ``spare`` more tokens of static decode steps (a plan step, at a chunk end).
 
-        Every token now in the window or the warm tier and every new one may reach the codes, and a flush writes
-        up to one block of slots past the last real token, so the capacity becomes
-        ``max(code_len + warm_len + win_len) + spare + BLOCK_TOKENS``, rounded up to a block: the buffers shrink
-        as well as grow, so that what a cache allocates follows what it keeps. ``spare=None`` (no known logical
-        capacity) only grows, by half at least; the decode step then checks the room on the host.
+        Decode steps flush whole blocks of the window (through the warm tier, which only passes on what enters it),
+        so ``spare`` tokens add at most ``F = round_up(max(0, win_len + spare - recent_window))`` codes; every step
+        also writes one block at the codes' end (a static shape, unchanged where nothing is flushed), and a chunk
+        replayed as ``q <= spare`` decode steps writes ``round_up(q)`` slots there. The capacity becomes
+        ``max(code_len) + max(F + BLOCK_TOKENS, round_up(spare))``, rounded up to a block: the buffers shrink as
+        well as grow, so what a cache allocates follows what it keeps. ``spare=None`` (no known logical capacity)
+        only grows, by half at least; the decode step then checks the room on the host.
         """
-        held = int((self.code_len + self.warm_len + self.win_len).max())
+        code = int(self.code_len.max())
         if spare is None:
-            self.ensure_capacity(held + BLOCK_TOKENS)
-        else:
-            target = round_up_to_block(held + spare + BLOCK_TOKENS)
-            if target != self.capacity:
-                self._allocate_codes(target)
+            self.ensure_capacity(code + BLOCK_TOKENS)
+            return
+        flushed = round_up_to_block(max(0, int(self.win_len.max()) + spare - self.win_k.shape[2]))
+        target = round_up_to_block(code + max(flushed + BLOCK_TOKENS, round_up_to_block(spare)))
+        if target != self.capacity:
+            self._allocate_codes(target)
 
     def mark_static(self) -> None:
         """Mark every buffer as a static address for ``torch.compile`` (CUDA graphs replay over them in place)."""
