@@ -249,7 +249,8 @@ class NexusLayer(CacheLayerMixin):
             ``[B, Hq, q, D]`` attention output in the query's dtype.
 
         Raises:
-            RuntimeError: no :meth:`update` before, or a chunk awaits its re-reading.
+            RuntimeError: no :meth:`update` before, a chunk awaits its re-reading, or a compiled decode step over a
+                cache without ``max_cache_len``.
             ValueError: past ``max_cache_len``.
         """
         if self.storage is None:
@@ -269,6 +270,9 @@ class NexusLayer(CacheLayerMixin):
             if torch.compiler.is_compiling():
                 # No host lengths in a compiled step: the rope check covers the whole capacity, which the last
                 # chunk end planned for (reserve_for_decode).
+                if self.max_cache_len is None:
+                    raise RuntimeError("a compiled decode step needs a NexusCache built with max_cache_len (prompt + "
+                                       "new tokens), whose code buffers are sized ahead; generate sizes its own")
                 self.rotary.check_length(self.max_cache_len)
             else:
                 self._check_logical(q_len)
