@@ -84,6 +84,8 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if kwargs.get("output_attentions"):
         raise NotImplementedError("nexusquant attention does not return attention weights")
     batch, _, q_len, head_dim = query.shape
+    if not (torch.compiler.is_compiling() or layer.rereading):
+        layer.check_room(q_len)  # before reading the mask at the new tokens' columns
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = torch.arange(q_len, device=query.device)[None] + layer.get_seq_length()

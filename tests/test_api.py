@@ -107,3 +107,26 @@ def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
         model(ids, mask, positions, positional)
     for a, b in zip(positional.layers, first.layers):
         assert a.storage.code_len.tolist() == b.storage.code_len.tolist() and torch.equal(a.storage.k_codes, b.storage.k_codes)
+
+
+@pytest.mark.parametrize("preset", ["asym", "quant_only"])
+def test_continuing_a_generation_token_by_token_equals_generating_at_once(preset):
+    """A continuation whose new input is the one token generate left unread goes straight to decode steps:
+    reserve() must plan their code room (no chunk end comes to do it)."""
+    model = nqcompile.optimize(tiny_model("llama"), preset, recent_window=16, warm_tokens=32, relax_key_kl=0)
+    ids = torch.randint(1, 256, (1, 60), generator=torch.Generator().manual_seed(4))
+    once = model.generate(ids, max_new_tokens=48, do_sample=False)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    more = model.generate(out.sequences, max_new_tokens=40, do_sample=False, past_key_values=out.past_key_values)
+    assert torch.equal(more, once)
+
+
+def test_generate_re_reads_for_a_model_whose_config_has_layer_types():
+    """Qwen2 configs list layer_types, so generate hands a compileable cache's masks over as a dict per layer type;
+    the re-reading hook reads the full-attention one."""
+    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16)
+    ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(6))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert not cache.awaiting_reconstruction
+    assert 0 < int(cache.layers[0].storage.code_len.max()) < 90 - 16  # the prompt was scored and evicted from

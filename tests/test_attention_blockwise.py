@@ -141,6 +141,18 @@ def test_opcheck_blockwise_attention(kind, op, per_query, monkeypatch):
     torch.library.opcheck(op, held(kind, torch.float32, per_query, seed=11))
 
 
+@pytest.mark.parametrize("op", [ops.dequant_attention, ops.dequant_attention_lse], ids=lambda op: op._name)
+def test_opcheck_with_a_transposed_query(op, monkeypatch):
+    """Attention modules hand over ``[B, q, Hq, D]`` transposed to ``[B, Hq, q, D]``: the fake output must have the
+    real output's (contiguous) strides, not the query's, or a compiled call with several queries fails."""
+    force_tiles(monkeypatch, QUERY_TILE, KEY_BLOCK, batch=B, q_heads=H * G, kv_heads=H, head_dim=D,
+                dtype=torch.float32)
+    args = held("e8", torch.float32, False, seed=12)
+    query = args[0].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not query.is_contiguous()
+    torch.library.opcheck(op, (query, *args[1:]))
+
+
 @pytest.mark.parametrize("per_query", [False, True], ids=["code_len[B]", "code_len[B,q]"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_reference_never_reads_a_value_on_the_host(kind, per_query, monkeypatch):

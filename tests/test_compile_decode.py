@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import nqcompile
+import nqcompile.eval
 from nqcompile.models import cache_kwarg_name, load_pretrained
 from tiny_models import tiny_model
 

@@ -45,6 +45,13 @@ def test_cache_past_its_capacity():
     cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=40)
     with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=40"):
         model(torch.ones(1, 41, dtype=torch.long), past_key_values=cache)
+    cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=41)
+    with torch.no_grad():
+        model(torch.ones(1, 40, dtype=torch.long), past_key_values=cache)
+        model(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)  # the last slot
+        with pytest.raises(ValueError, match="max_cache_len=41"):  # a decode step past it, with a 2D mask
+            model(torch.ones(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 42, dtype=torch.long),
+                  past_key_values=cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -199,7 +199,7 @@ class NexusLayer(CacheLayerMixin):
                              "(every layer then keeps key_bits)")
         if not self.is_initialized:
             self.lazy_initialization(key, value)
-        self._check_logical(key.shape[2])
+        self.check_room(key.shape[2])
         self._advance(key.shape[2])
         self._compress(None, key, value, real, positions, key.shape[-1] ** -0.5)
 
@@ -215,6 +215,9 @@ class NexusLayer(CacheLayerMixin):
         self.max_cache_len = max(self.max_cache_len, self.seen_tokens() + new_tokens)
         if self.storage is not None:
             self.storage.widen_positions(self._position_dtype())
+            if self.chunks and self.deferred is None:  # the new tokens may all be decoded: plan their code room
+                self.storage.reserve_for_decode(self._spare())
+                self._mark_static()
 
     def _spare(self) -> int | None:
         """Logical tokens still to come (code capacity is sized for them), or None when unbounded."""
@@ -225,7 +228,8 @@ class NexusLayer(CacheLayerMixin):
         self._length.add_(new_tokens)
         self._host_length = None if torch.compiler.is_compiling() else self.seen_tokens() + new_tokens
 
-    def _check_logical(self, new_tokens: int) -> None:
+    def check_room(self, new_tokens: int) -> None:
+        """Raise ``ValueError`` if ``new_tokens`` more logical tokens exceed ``max_cache_len`` (host-side; eager)."""
         if self.max_cache_len is not None and self.seen_tokens() + new_tokens > self.max_cache_len:
             raise ValueError(
                 f"NexusCache is full: it holds {self.seen_tokens()} tokens and was built with "
@@ -275,14 +279,14 @@ class NexusLayer(CacheLayerMixin):
                                        "new tokens), whose code buffers are sized ahead; generate sizes its own")
                 self.rotary.check_length(self.max_cache_len)
             else:
-                self._check_logical(q_len)
+                self.check_room(q_len)
                 self.rotary.check_length(self.seen_tokens() + q_len)
                 if self.max_cache_len is None:  # unbounded: grow on the host before the static step
                     st = self.storage  # it writes round_up(q) slots at the codes' end (reserve_for_decode)
                     st.ensure_capacity(int(st.code_len.max()) + round_up_to_block(q_len))
             self._advance(q_len)
             return decode_steps(self.storage, query, key, value, positions, scaling)
-        self._check_logical(q_len)
+        self.check_room(q_len)
         self.rotary.check_length(self.seen_tokens() + q_len)
         self._advance(q_len)  # before storing: capacity is sized from the tokens still to come
         return self._chunk(query, key, value, real, positions, scaling)
@@ -306,7 +310,11 @@ class NexusLayer(CacheLayerMixin):
         if key_kl is not None:
             self.key_kl = key_kl
         self.chunks += 1
-        if not torch.compiler.is_compiling():  # a plan step: the buffers decode steps mutate stay where they are
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """After a plan step: the buffers decode steps mutate stay where they are (static addresses for CUDA graphs)."""
+        if not torch.compiler.is_compiling():
             self.storage.mark_static()
             torch._dynamo.mark_static_address(self._length)
 

@@ -124,7 +124,8 @@ class NexusCache(Cache):
             input_ids: ``[B, L]`` int64, the chunk's token ids (left-padded as fed).
             attention_mask: the mask passed with the chunk: 2D ``[B, past + L]`` (1 = real token), the 4D mask
                 ``[B, 1, L, kv]`` that ``generate`` builds for a compileable cache (boolean, or additive with 0
-                where attended; its last row, a real token under left padding, gives the padding), or None.
+                where attended; its last row, a real token under left padding, gives the padding), a dict of such
+                masks by layer type (its ``"full_attention"`` one is read), or None.
 
         Raises:
             RuntimeError: no chunk is deferred.
@@ -149,6 +150,8 @@ class NexusCache(Cache):
             raise ValueError(f"the deferred chunk is {batch} x {chunk} tokens, got input_ids of shape "
                              f"{tuple(input_ids.shape)}")
         device = deferred[0].storage.device
+        if isinstance(attention_mask, dict):  # generate's masks per layer type, for configs with layer_types
+            attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values())))
         if attention_mask is not None and attention_mask.dim() == 4:  # the chunk's last query sees every real token
             last = attention_mask[:, 0, -1, :logical]
             attention_mask = last if last.dtype == torch.bool else last == 0

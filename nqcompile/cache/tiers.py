@@ -7,9 +7,10 @@ oldest tokens are decoded and coded once more at the layer's bits into the code 
 (:func:`warm_flow`), so a token is coded from its warm code however the steps are grouped. The past stays in
 time order: codes, then the tier, then the window.
 
-:func:`decode_steps` has static shapes (they depend on the number of new tokens only) and never reads a
-length on the host: every flush decision is a mask computed on the device, every write lands at device-side
-offsets, and the buffers are updated in place. The code buffers must have room for it, which
+:func:`decode_steps` has static shapes (they depend on the number of new tokens only) and, when compiled, never
+reads a length on the host: every flush decision is a mask computed on the device, every write lands at
+device-side offsets, and the buffers are updated in place. Run eagerly, it reads two numbers on the host (whether
+anything is flushed, and how many code slots are held) so as to skip the writes and the empty code slots. The code buffers must have room for it, which
 :meth:`~nqcompile.cache.storage.LayerStorage.reserve_for_decode` plans at the end of each prefill chunk.
 """
 
@@ -60,12 +61,19 @@ def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value
     sink_valid = first_slots(st.sink_len, st.sink_k.shape[2])
     exact_k, exact_v, exact_mask = [st.sink_k], [st.sink_v], [sink_valid[:, None, :].expand(-1, q_len, -1)]
     code_start = st.code_len.clone()
+    # A compiled step always runs the block writes (static); an eager one skips them when nothing is flushed
+    # (one host read: eager decode otherwise encodes a block per layer and step for nothing).
+    compiling = torch.compiler.is_compiling()
+    flushing = compiling or bool(total.any())
     if st.warm_cap:
         old_warm = st.warm_len.clone()
         to_codes = (old_warm[:, None] + flushed - st.warm_cap).clamp(min=0)  # tier tokens coded by step t
-        tier, tier_pos = warm_flow(st, fk, fv, fpos, total, to_codes[:, -1])
-        tier_k, tier_v = st.decode_warm(tier, tier_pos)
-        st.write(tier_k[:, :, :n_flush], tier_v[:, :, :n_flush], tier_pos[:, :, :n_flush], to_codes[:, -1])
+        if flushing:
+            tier, tier_pos = warm_flow(st, fk, fv, fpos, total, to_codes[:, -1])
+            tier_k, tier_v = st.decode_warm(tier, tier_pos)
+            st.write(tier_k[:, :, :n_flush], tier_v[:, :, :n_flush], tier_pos[:, :, :n_flush], to_codes[:, -1])
+        else:
+            tier_k, tier_v = st.decode_warm(st.warm_tensors(), st.warm_pos)
         # Tier slot j (old tier, then this call's flushes) is in the tier at step t while
         # to_codes[t] <= j < old_warm + flushed[t].
         j = torch.arange(tier_k.shape[2], device=dev)[None, None]
@@ -73,11 +81,12 @@ def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value
         exact_mask.append((j >= to_codes[:, :, None]) & (j < (old_warm[:, None] + flushed)[:, :, None]))
     else:
         to_codes = flushed
-        st.write(fk, fv, fpos, total)
+        if flushing:
+            st.write(fk, fv, fpos, total)
     # Stream token i is visible to query t while flushed[t] <= i <= old_win + t.
     exact_mask.append((i[:, None] >= flushed[:, :, None]) & (i[:, None] <= (old_win[:, None] + steps[None])[:, :, None]))
     out = st.attend(query, torch.cat(exact_k + [sk], 2), torch.cat(exact_v + [sv], 2), torch.cat(exact_mask, 2),
-                    scaling, code_len=code_start[:, None] + to_codes, full=True)
+                    scaling, code_len=code_start[:, None] + to_codes, full=compiling)
     # The window keeps the stream tokens not flushed, left-aligned.
     keep = (torch.arange(r_cap, device=dev)[None] + total[:, None]).clamp(max=r_cap + q_len - 1)
     st.win_k.copy_(ops.gather_tokens(sk, keep[:, None].expand(-1, st.heads, -1)))

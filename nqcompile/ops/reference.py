@@ -215,7 +215,7 @@ def dequant_attention(
 @dequant_attention.register_fake
 def _(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
       inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling):
-    return torch.empty_like(query)
+    return query.new_empty(query.shape)  # contiguous, as the implementation returns it (not query's strides)
 
 
 @torch.library.custom_op("nqcompile::dequant_attention_lse", mutates_args=())
@@ -247,4 +247,4 @@ def dequant_attention_lse(
 @dequant_attention_lse.register_fake
 def _(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
       inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling):
-    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=compute_dtype(query.dtype))
+    return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=compute_dtype(query.dtype))
