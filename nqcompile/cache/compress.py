@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .. import ops
-from ..codec.kv import KVTransform, channel_statistics
+from ..codec.kv import channel_statistics
 from ..codec.rope import apply_rotary
 from ..policy import TokenScorer, select_kept
 from ..policy.key_bits import MIN_TRIAL_TOKENS, trial_key_kl
@@ -158,8 +158,7 @@ def _relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qt
     if not bool(measured.any()):
         return None
     c = st.codec
-    trial = KVTransform(c.kind, c.key_bits - 1, c.value_bits, c.attention_scaling, c.rotary_dim, c.layout)
-    kl = trial_key_kl(query, pk, ppos, coded, transform=trial, hadamard=c.hadamard, inv_freq=c.inv_freq,
+    kl = trial_key_kl(query, pk, ppos, coded, transform=c.with_bits(c.key_bits - 1, c.value_bits).transform, hadamard=c.hadamard, inv_freq=c.inv_freq,
                       norm_mean=c.norm_mean[0], norm_scale=c.norm_scale[0], query_time=qtime, key_time=key_time,
                       key_valid=key_valid, window=preset.observation_window, scaling=scaling)
     key_kl = float(kl[measured].max())

@@ -23,6 +23,7 @@ import torch
 
 from .. import ops
 from ..codec.hadamard import hadamard_matrix
+from ..codec.kv import KVTransform
 from ..codec.registry import CODECS
 from ..models.rope_spec import RotarySpec
 from ..ops.layout import BLOCK_TOKENS, round_up_to_block
@@ -34,37 +35,40 @@ __all__ = ["CodecParams", "LayerStorage", "first_slots", "ordered_index", "take_
 
 @dataclass(frozen=True, eq=False)
 class CodecParams:
-    """The codec arguments every storage op takes after its data tensors, in the ops' order.
+    """The codec arguments every storage op takes after its data tensors: the tensors of one layer's codec and its
+    static :class:`~nqcompile.codec.kv.KVTransform`.
 
     Attributes:
         hadamard: ``[D, D]`` float32 orthonormal Hadamard matrix.
         inv_freq: ``[rotary_dim / 2]`` float32 RoPE inverse frequencies.
         norm_mean, norm_scale: ``[2, B, H, D]`` float32 per-channel normalization (``[0]`` pre-RoPE keys,
             ``[1]`` values), filled in place at the first chunk.
-        kind: codec name (``"e8"``, a scalar baseline) or ``"exact"``.
-        key_bits, value_bits: bits per element (0 for ``"exact"``).
-        attention_scaling, rotary_dim, layout: the layer's RoPE (:class:`~nqcompile.models.rope_spec.RotarySpec`).
+        transform: codec name and bits (``key_bits``/``value_bits`` 0 for ``"exact"``) and the layer's RoPE.
     """
 
     hadamard: torch.Tensor
     inv_freq: torch.Tensor
     norm_mean: torch.Tensor
     norm_scale: torch.Tensor
-    kind: str
-    key_bits: int
-    value_bits: int
-    attention_scaling: float
-    rotary_dim: int
-    layout: str
+    transform: KVTransform
+
+    def __getattr__(self, name: str):  # kind, key_bits, value_bits, attention_scaling, rotary_dim, layout
+        if name in _TRANSFORM_FIELDS:
+            return getattr(self.transform, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def as_op_args(self) -> tuple:
         """The positional codec arguments of :func:`nqcompile.ops.write_kv` and the other storage ops."""
-        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale, self.kind, self.key_bits,
-                self.value_bits, self.attention_scaling, self.rotary_dim, self.layout)
+        return (self.hadamard, self.inv_freq, self.norm_mean, self.norm_scale,
+                *(getattr(self.transform, name) for name in _TRANSFORM_FIELDS))
 
     def with_bits(self, key_bits: int, value_bits: int) -> "CodecParams":
         """The same parameters (same tensors) at other bit widths."""
-        return dataclasses.replace(self, key_bits=key_bits, value_bits=value_bits)
+        return dataclasses.replace(self, transform=dataclasses.replace(self.transform, key_bits=key_bits,
+                                                                       value_bits=value_bits))
+
+
+_TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform))
 
 
 class LayerStorage:
@@ -99,11 +103,11 @@ class LayerStorage:
         self.code_pos0 = torch.zeros(batch, **i64)
         f32 = dict(dtype=torch.float32, device=device)
         key_bits, value_bits = bits if bits is not None else (0, 0)
-        self.codec = CodecParams(
-            hadamard=hadamard_matrix(head_dim, device=device), inv_freq=rotary.inv_freq.to(device),
-            norm_mean=torch.zeros(2, batch, heads, head_dim, **f32), norm_scale=torch.ones(2, batch, heads, head_dim, **f32),
-            kind="exact" if bits is None else preset.codec, key_bits=key_bits, value_bits=value_bits,
-            attention_scaling=float(rotary.attention_scaling), rotary_dim=int(rotary.rotary_dim), layout=rotary.layout)
+        transform = KVTransform("exact" if bits is None else preset.codec, key_bits, value_bits,
+                                float(rotary.attention_scaling), int(rotary.rotary_dim), rotary.layout)
+        self.codec = CodecParams(hadamard=hadamard_matrix(head_dim, device=device), inv_freq=rotary.inv_freq.to(device),
+                                 norm_mean=torch.zeros(2, batch, heads, head_dim, **f32),
+                                 norm_scale=torch.ones(2, batch, heads, head_dim, **f32), transform=transform)
         self._allocate_codes(0)
         self._allocate_warm()
 
