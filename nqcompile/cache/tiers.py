@@ -61,8 +61,8 @@ def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value
     sink_valid = first_slots(st.sink_len, st.sink_k.shape[2])
     exact_k, exact_v, exact_mask = [st.sink_k], [st.sink_v], [sink_valid[:, None, :].expand(-1, q_len, -1)]
     code_start = st.code_len.clone()
-    # A compiled step always runs the block writes (static); an eager one skips them when nothing is flushed
-    # (one host read: eager decode otherwise encodes a block per layer and step for nothing).
+    # A compiled step always runs the block writes and reads every code slot (static shapes); an eager one reads
+    # on the host whether anything is flushed and how many slots are held, and skips the rest.
     compiling = torch.compiler.is_compiling()
     flushing = compiling or bool(total.any())
     if st.warm_cap:
