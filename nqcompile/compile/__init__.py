@@ -1,0 +1,7 @@
+"""The ``nexusquant`` ``torch.compile`` backend (:mod:`.backend`) and the attention and cache-update sites it finds
+in a captured graph (:mod:`.sites`)."""
+
+from .backend import CompileReport, last_reports, nexusquant
+from .sites import Site, find_sites
+
+__all__ = ["nexusquant", "CompileReport", "last_reports", "Site", "find_sites"]
