@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import Any
 
 import torch
@@ -47,13 +48,15 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     chosen = get_preset(preset, **overrides)
     NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
     model.set_attn_implementation(register_attention())
-    original = getattr(model.generate, "__nqcompile_original__", model.generate)
     # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` is its deprecated alias).
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    original = type(model).generate
 
+    # Both wrappers are bound to the model (types.MethodType) and call the class's own methods on ``self``, so a
+    # deep copy of the model rebinds them to the copy instead of running the original model.
     @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any):
-        bound = inspect.signature(original).bind_partial(*args, **kwargs)
+    def generate(self, *args: Any, **kwargs: Any):
+        bound = inspect.signature(original).bind_partial(self, *args, **kwargs)
         inputs = bound.arguments.get("inputs", kwargs.get("input_ids"))
         if "past_key_values" in kwargs and cache_arg != "past_key_values":
             kwargs[cache_arg] = kwargs.pop("past_key_values")
@@ -62,42 +65,31 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
             raise ValueError(f"scorer={chosen.scorer!r} re-reads the prompt's token ids; pass input_ids, not "
                              "inputs_embeds (or optimize with a scorer that needs no model)")
         if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
-            config = kwargs.get("generation_config") or model.generation_config
+            config = kwargs.get("generation_config") or self.generation_config
             new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
             if new_tokens is None:
                 raise ValueError("pass max_new_tokens so that the NexusCache can be sized (prompt + new tokens)")
             if cache is None:
-                kwargs[cache_arg] = NexusCache(model.config, chosen,
-                                                       max_cache_len=inputs.shape[-1] + new_tokens)
+                kwargs[cache_arg] = NexusCache(self.config, chosen, max_cache_len=inputs.shape[-1] + new_tokens)
             else:
                 cache.reserve(inputs.shape[-1] - cache.seen_tokens() + new_tokens)
-        return original(*args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    generate.__nqcompile_original__ = original
-    model.generate = generate
-    forward = getattr(model.forward, "__nqcompile_original__", model.forward)
-    model.forward = _passing_the_cache(forward)
+    @functools.wraps(type(model).forward)
+    def forward(self, *args: Any, **kwargs: Any):
+        # The NexusCache among the arguments (or None) also reaches the attention functions as a keyword argument
+        # (transformers passes a model's extra keyword arguments to every attention call).
+        kwargs[CACHE_KWARG] = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+        return type(self).forward(self, *args, **kwargs)
+
+    model.generate = types.MethodType(generate, model)
+    model.forward = types.MethodType(forward, model)
     previous = getattr(model, "_nqcompile_reconstruct_hook", None)
     if previous is not None:
         previous.remove()
     model._nqcompile_reconstruct_hook = model.register_forward_hook(_reconstruct_after_prefill, with_kwargs=True)
     model.nqcompile_preset = chosen
     return model
-
-
-def _passing_the_cache(forward):
-    """Wrap a model's bound ``forward`` so that the :class:`~nqcompile.NexusCache` among its arguments (or None) also
-    reaches the attention functions, as the keyword argument :data:`~nqcompile.attention.CACHE_KWARG` (transformers
-    passes a model's extra keyword arguments to every attention call). ``torch.compile(model.forward)`` compiles
-    the wrapper."""
-
-    @functools.wraps(forward)
-    def wrapped(*args: Any, **kwargs: Any):
-        kwargs[CACHE_KWARG] = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
-        return forward(*args, **kwargs)
-
-    wrapped.__nqcompile_original__ = forward
-    return wrapped
 
 
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:

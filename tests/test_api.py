@@ -1,5 +1,8 @@
 """compress_kv_cache and optimize(): the user entry points."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -130,3 +133,21 @@ def test_generate_re_reads_for_a_model_whose_config_has_layer_types():
     cache = out.past_key_values
     assert not cache.awaiting_reconstruction
     assert 0 < int(cache.layers[0].storage.code_len.max()) < 90 - 16  # the prompt was scored and evicted from
+
+
+def test_a_deep_copy_of_an_optimized_model_runs_its_own_weights():
+    """optimize's generate and forward are bound to the model: a deep copy rebinds them to the copy."""
+    model = nqcompile.optimize(tiny_model("llama"), "asym", recent_window=16)
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copy_.parameters():
+            p.mul_(0.5)
+        ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(8))
+        cache = nqcompile.NexusCache(copy_.config, "asym", max_cache_len=40, recent_window=16)
+        got = copy_(ids, past_key_values=cache).logits
+        want = nqcompile.optimize(copy.deepcopy(copy_), "asym", recent_window=16)(
+            ids, past_key_values=nqcompile.NexusCache(copy_.config, "asym", max_cache_len=40, recent_window=16)).logits
+        assert not torch.allclose(got, model(ids).logits)
+    torch.testing.assert_close(got, want)
+    assert copy_.generate.__self__ is copy_ and copy_.forward.__self__ is copy_
+    assert "input_ids" in inspect.signature(copy_.forward).parameters
