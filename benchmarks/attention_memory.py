@@ -30,10 +30,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
+from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile.ops import blockwise
 
 
@@ -77,19 +77,6 @@ def dense_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_
     return out.to(query.dtype)
 
 
-def cpu_peak_bytes(fn) -> int:
-    """Largest running sum of the CPU allocator's records (``+bytes`` / ``-bytes``) while ``fn()`` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def measure(fn, device: torch.device, repeat: int) -> tuple[int, float]:
     """``(peak bytes above the memory allocated before the call, median seconds)`` of ``fn()``."""
     fn()
@@ -101,7 +88,7 @@ def measure(fn, device: torch.device, repeat: int) -> tuple[int, float]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = cpu_peak_bytes(fn)
+        peak = peak_allocated_bytes(fn)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from allocations import peak_allocated_bytes
+from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.ops import blockwise

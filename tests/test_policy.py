@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from allocations import peak_allocated_bytes
+from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile.ops import blockwise
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 from nqcompile.policy.key_bits import attention_kl

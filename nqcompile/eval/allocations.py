@@ -1,6 +1,9 @@
-"""Peak CPU memory a call allocates, from the profiler's raw memory records (tests of bounded transient memory)."""
+"""Peak CPU memory a call allocates, from the profiler's raw memory records (the bounded-transient-memory tests and
+``benchmarks/attention_memory.py`` on a CPU)."""
 
 from torch.profiler import ProfilerActivity, profile
+
+__all__ = ["peak_allocated_bytes"]
 
 
 def peak_allocated_bytes(fn) -> int:
