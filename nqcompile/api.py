@@ -79,7 +79,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     def forward(self, *args: Any, **kwargs: Any):
         # The NexusCache among the arguments (or None) also reaches the attention functions as a keyword argument
         # (transformers passes a model's extra keyword arguments to every attention call).
-        kwargs[CACHE_KWARG] = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+        kwargs[CACHE_KWARG] = _nexus_cache_among(args, kwargs)
         return type(self).forward(self, *args, **kwargs)
 
     model.generate = types.MethodType(generate, model)
@@ -92,10 +92,15 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     return model
 
 
+def _nexus_cache_among(args: tuple, kwargs: dict) -> NexusCache | None:
+    """The :class:`~nqcompile.NexusCache` passed to a forward call, positionally or by keyword, or None."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+
+
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
     """Forward hook: after a forward that left a prefill chunk deferred (a scorer that ``needs_model``), run
     :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
-    cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
+    cache = _nexus_cache_among(args, kwargs)
     if cache is None or not cache.awaiting_reconstruction \
             or any(getattr(layer, "rereading", False) for layer in cache.layers):
         return
