@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import nqcompile
 from nqcompile.compile import backend as nexus_backend
+from nqcompile.compile import report as nexus_report
 from tiny_models import tiny_model
 
 STEPS = 16
@@ -20,7 +21,7 @@ STEPS = 16
 def _fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(nexus_backend, "_REPORTS", [])
+    monkeypatch.setattr(nexus_report, "_REPORTS", [])
     monkeypatch.setattr(nexus_backend, "_WARNED", False)
     yield
     torch._dynamo.reset()
@@ -55,7 +56,7 @@ def test_prepared_model_decodes_like_eager_and_every_attention_site_is_reported(
     compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, backend="nexusquant", mode=mode,
                                                           fullgraph=True))
     assert compiled == eager
-    reports = nexus_backend.last_reports()
+    reports = nexus_report.last_reports()
     assert len(reports) == 1 and reports[0].prepared and reports[0].mode == mode
     layers = model.config.num_hidden_layers
     assert reports[0].counts == {"dequant_attention": layers, "cache_write": 2 * layers}  # warm tier + codes
@@ -70,5 +71,5 @@ def test_unprepared_model_compiles_unchanged_with_one_warning_naming_optimize():
         with pytest.warns(UserWarning, match=r"nqcompile.optimize\(model, preset\)"):
             got = compiled(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    reports = nexus_backend.last_reports()
+    reports = nexus_report.last_reports()
     assert not reports[0].prepared and reports[0].counts["sdpa"] == model.config.num_hidden_layers

@@ -15,46 +15,16 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .sites import SITE_KINDS, Site, find_sites
+from .report import CompileReport, next_index, record
+from .sites import find_sites
 
-__all__ = ["nexusquant", "CompileReport", "last_reports"]
+__all__ = ["nexusquant"]
 
-_REPORTS: list["CompileReport"] = []
 _WARNED = False
-
-
-@dataclass(frozen=True)
-class CompileReport:
-    """What the backend found in one captured graph.
-
-    Attributes:
-        graph: index of the graph in this process (0 for the first one compiled).
-        sites: every attention and cache-update site, in graph order.
-        prepared: whether the graph holds nqcompile's compressed-cache ops.
-        mode: the ``torch.compile`` mode the graph was compiled under.
-        counts: number of sites of each kind (:data:`~nqcompile.compile.sites.SITE_KINDS`).
-    """
-
-    graph: int
-    sites: tuple[Site, ...]
-    prepared: bool
-    mode: str | None
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        found = ", ".join(f"{self.counts.get(kind, 0)} {kind}" for kind in SITE_KINDS)
-        state = "compressed-cache ops" if self.prepared else "no compressed-cache ops (not prepared by optimize)"
-        return f"graph {self.graph}: {found}; {state}"
-
-
-def last_reports() -> list[CompileReport]:
-    """The reports of every graph the backend compiled in this process, oldest first."""
-    return list(_REPORTS)
 
 
 def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | None = None,
@@ -77,7 +47,7 @@ def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     sites = tuple(find_sites(gm))
     counts = Counter(site.kind for site in sites)
     prepared = bool(counts["dequant_attention"] or counts["cache_write"])
-    _REPORTS.append(CompileReport(len(_REPORTS), sites, prepared, mode, dict(counts)))
+    record(CompileReport(next_index(), sites, prepared, mode, dict(counts), code_before=gm.code, code_after=gm.code))
     if not prepared and (counts["sdpa"] or counts["cache_update"]) and not _WARNED:
         _WARNED = True
         warnings.warn(f"nexusquant: this graph has {counts['sdpa']} attention and {counts['cache_update']} cache-"
