@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .diff import emit_structured
 from .report import CompileReport, next_index, record
 from .sites import find_sites
 
@@ -47,7 +48,9 @@ def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     sites = tuple(find_sites(gm))
     counts = Counter(site.kind for site in sites)
     prepared = bool(counts["dequant_attention"] or counts["cache_write"])
-    record(CompileReport(next_index(), sites, prepared, mode, dict(counts), code_before=gm.code, code_after=gm.code))
+    report = record(CompileReport(next_index(), sites, prepared, mode, dict(counts), code_before=gm.code,
+                                  code_after=gm.code))
+    emit_structured(report)  # the report as a structured-trace artifact, for tlparse
     if not prepared and (counts["sdpa"] or counts["cache_update"]) and not _WARNED:
         _WARNED = True
         warnings.warn(f"nexusquant: this graph has {counts['sdpa']} attention and {counts['cache_update']} cache-"
