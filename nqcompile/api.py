@@ -79,7 +79,11 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     def forward(self, *args: Any, **kwargs: Any):
         # The NexusCache among the arguments (or None) also reaches the attention functions as a keyword argument
         # (transformers passes a model's extra keyword arguments to every attention call).
-        kwargs[CACHE_KWARG] = _nexus_cache_among(args, kwargs)
+        cache = kwargs[CACHE_KWARG] = _nexus_cache_among(args, kwargs)
+        if cache is not None and torch.compiler.is_compiling() and cache.is_plan_step(_new_tokens(args, kwargs)):
+            # A prefill chunk decides on the host what the cache keeps: under torch.compile it runs eagerly (one
+            # graph break per chunk) and only the decode steps are compiled.
+            return _forward_eagerly(self, args, kwargs)
         return type(self).forward(self, *args, **kwargs)
 
     model.generate = types.MethodType(generate, model)
@@ -97,13 +101,33 @@ def _nexus_cache_among(args: tuple, kwargs: dict) -> NexusCache | None:
     return next((a for a in (*args, *kwargs.values()) if isinstance(a, NexusCache)), None)
 
 
+def _new_tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens per sequence that a forward call feeds (``input_ids`` or ``inputs_embeds``, positionally or by
+    keyword); 1 when neither is found."""
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    return inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 1
+
+
+@torch.compiler.disable
+def _forward_eagerly(model, args: tuple, kwargs: dict):
+    """The model class's own forward, run outside ``torch.compile`` (Dynamo does not trace this call)."""
+    return type(model).forward(model, *args, **kwargs)
+
+
 def _reconstruct_after_prefill(model, args: tuple, kwargs: dict, output: Any) -> None:
     """Forward hook: after a forward that left a prefill chunk deferred (a scorer that ``needs_model``), run
-    :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk."""
+    :meth:`NexusCache.reconstruct` on it, so the next step sees the compressed chunk. Under ``torch.compile`` the
+    check is traced (a decode step leaves nothing deferred) and the re-reading runs eagerly."""
     cache = _nexus_cache_among(args, kwargs)
     if cache is None or not cache.awaiting_reconstruction \
             or any(getattr(layer, "rereading", False) for layer in cache.layers):
         return
+    _reread_deferred(model, args, kwargs, cache)
+
+
+@torch.compiler.disable
+def _reread_deferred(model, args: tuple, kwargs: dict, cache: NexusCache) -> None:
+    """Re-read the chunk the forward call ``(args, kwargs)`` fed and left deferred in ``cache``."""
     signature = inspect.signature(model.forward)
     bound = dict(signature.bind_partial(*args, **kwargs).arguments)
     for name, param in signature.parameters.items():  # names the signature only takes through **kwargs

@@ -101,6 +101,15 @@ class NexusCache(Cache):
             for layer in layers:
                 layer.replay_as_decode = False
 
+    def is_plan_step(self, new_tokens: int) -> bool:
+        """Whether a forward of ``new_tokens`` tokens per sequence is a plan step rather than static decode steps:
+        a prefill chunk (the first, or any multi-token input outside :meth:`replay_as_decode`) or a re-reading.
+        A plan step decides on the host what the cache keeps and sizes its buffers; ``torch.compile`` runs it
+        eagerly (the forward of :func:`nqcompile.optimize` makes sure of it)."""
+        return any(isinstance(layer, NexusLayer) and (layer.rereading or layer.chunks == 0
+                                                      or (new_tokens > 1 and not layer.replay_as_decode))
+                   for layer in self.layers)
+
     @property
     def awaiting_reconstruction(self) -> bool:
         """True between a prefill chunk that ``scorer="reconstruction"`` defers and :meth:`reconstruct`."""

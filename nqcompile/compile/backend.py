@@ -7,8 +7,10 @@ compiles the graph with Inductor's ``compile_fx`` under the settings of ``mode``
 :func:`nqcompile.optimize` holds the compressed-cache ops; a graph with attention but none of them is compiled
 unchanged, with a warning (once per process) that names :func:`nqcompile.optimize`.
 
-This is the backend's first part: it finds and reports. The FX passes that rewrite and fuse the sites are next
-(the compiled code is what the default Inductor backend produces today).
+On a prepared graph the passes of :mod:`nqcompile.compile.passes` then fold each compressed layer's decode step
+(flush write, warm-tier decode, attention) into one ``nqcompile::cache_attention`` node. Every site no pass rewrote
+is reported with the reason (:class:`~nqcompile.compile.report.LeftAlone`); the graph-diff tool
+(:mod:`nqcompile.compile.diff`, ``nqcompile diff``) shows it all.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 
 from .diff import emit_structured
-from .report import CompileReport, next_index, record
+from .passes import build_passes, run_passes
+from .report import CompileReport, LeftAlone, next_index, record
 from .sites import find_sites
 
 __all__ = ["nexusquant"]
@@ -30,7 +33,8 @@ _WARNED = False
 
 def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | None = None,
                options: dict[str, Any] | None = None):
-    """The ``nexusquant`` Dynamo backend: report the sites of ``gm``, then compile it with Inductor.
+    """The ``nexusquant`` Dynamo backend: find the sites of ``gm``, rewrite them (a prepared graph), report, then
+    compile with Inductor.
 
     Args:
         gm: the graph Dynamo captured. example_inputs: its example inputs.
@@ -45,11 +49,25 @@ def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
         ValueError: an unknown mode (Inductor's message).
     """
     global _WARNED
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    patches.update(options or {})
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    cudagraphs = on_cuda and bool(patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
     sites = tuple(find_sites(gm))
     counts = Counter(site.kind for site in sites)
     prepared = bool(counts["dequant_attention"] or counts["cache_write"])
-    report = record(CompileReport(next_index(), sites, prepared, mode, dict(counts), code_before=gm.code,
-                                  code_after=gm.code))
+    code_before = gm.code
+    rewrites, reasons = [], {}
+    passes = build_passes(cudagraphs=cudagraphs)
+    if prepared:
+        rewrites, reasons = run_passes(gm, passes)
+    done = {r.site for r in rewrites} | {name for r in rewrites for name in r.fused}
+    left_alone = tuple(LeftAlone(site.node, site.kind, reasons.get(site.node) or _reason(site, prepared))
+                       for site in sites if site.node not in done)
+    pass_counts = Counter({p.name: 0 for p in passes} if prepared else {})
+    pass_counts.update(r.pass_name for r in rewrites)
+    report = record(CompileReport(next_index(), sites, prepared, mode, dict(counts), tuple(rewrites), left_alone,
+                                  dict(pass_counts), code_before=code_before, code_after=gm.code))
     emit_structured(report)  # the report as a structured-trace artifact, for tlparse
     if not prepared and (counts["sdpa"] or counts["cache_update"]) and not _WARNED:
         _WARNED = True
@@ -59,6 +77,20 @@ def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
                       "its key/value cache", stacklevel=2)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
-    patches.update(options or {})
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+_UNPREPARED = ("the model was not prepared by nqcompile.optimize(model, preset) or not called with a NexusCache: "
+               "its own cache and attention are compiled unchanged")
+_PREPARED_REASONS = {
+    "dequant_attention": "no pass rewrites this form (the re-reading's attention, which also returns each query's "
+                         "log-sum-exp, stays nqcompile::dequant_attention_lse)",
+    "cache_write": "a quantize-on-write that no attention reads right after (the warm tier's): it stays its own op",
+    "sdpa": "a layer the NexusCache leaves uncompressed: transformers' own attention",
+    "cache_update": "a layer the NexusCache leaves uncompressed: transformers' own cache update",
+}
+
+
+def _reason(site, prepared: bool) -> str:
+    """Why ``site`` is left alone when no pass said why."""
+    return _PREPARED_REASONS[site.kind] if prepared else _UNPREPARED

@@ -75,7 +75,8 @@ class SiteOutcome:
             parts = []
             for rw in self.rewrites:
                 fused = f" (fused: {', '.join(rw.fused)})" if rw.fused else ""
-                parts.append(f"{rw.became} by {rw.pass_name}{fused}")
+                note = f" [{rw.note}]" if rw.note else ""
+                parts.append(f"{rw.became} by {rw.pass_name}{fused}{note}")
             return "became " + "; then ".join(parts)
         if self.status == "fused":
             rw = self.rewrites[0]
@@ -90,7 +91,8 @@ class SiteOutcome:
 
 
 def _rewrite_dict(rw: Rewrite) -> dict[str, Any]:
-    return {"pass_name": rw.pass_name, "site": rw.site, "became": rw.became, "fused": list(rw.fused)}
+    return {"pass_name": rw.pass_name, "site": rw.site, "became": rw.became, "fused": list(rw.fused),
+            "note": rw.note}
 
 
 def _left_alone_dict(la: LeftAlone) -> dict[str, str]:

@@ -26,12 +26,14 @@ class Rewrite:
         site: the node name of the attention or cache site rewritten (in the graph before the passes).
         became: the op that replaced it (``"nqcompile::cache_attention"``, ...).
         fused: names of the other nodes folded into it (empty for a one-to-one rewrite).
+        note: anything else the rewrite changed, in words (empty if nothing).
     """
 
     pass_name: str
     site: str
     became: str
     fused: tuple[str, ...] = ()
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The ops every step that touches compressed storage goes through (:mod:`.reference`: ``torch.library``
-custom ops with their torch reference and fake implementations) and the storage contract they share
-(:mod:`.layout`)."""
+custom ops with their torch reference and fake implementations), the fused op the ``nexusquant`` backend's passes
+rewrite a decode step into (:mod:`.fused`), and the storage contract they share (:mod:`.layout`)."""
 
+from .fused import cache_attention
 from .layout import BLOCK_TOKENS, round_up_to_block
 from .reference import dequant_attention, dequant_attention_lse, dequant_kv, gather_tokens, write_kv
 
 __all__ = ["BLOCK_TOKENS", "round_up_to_block", "write_kv", "gather_tokens", "dequant_kv", "dequant_attention",
-           "dequant_attention_lse"]
+           "dequant_attention_lse", "cache_attention"]

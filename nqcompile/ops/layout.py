@@ -1,6 +1,6 @@
 """The storage contract between the cache, the ops and the kernels: block size, buffer shapes, alignment.
 
-Storage layout of one compressed layer (the tensors of :class:`nqcompile.cache.storage.CodeStorage`)::
+Storage layout of one compressed layer (the tensors of :class:`nqcompile.cache.storage.LayerStorage`)::
 
     k_codes   uint8  [B, Hkv, C, key_bits * D / 8]    packed key codes, token-major per (sequence, KV head)
     v_codes   uint8  [B, Hkv, C, value_bits * D / 8]  packed value codes
