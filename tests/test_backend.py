@@ -9,7 +9,11 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from transformers import CompileConfig
+
 import nqcompile
+import nqcompile.eval
+from nqcompile.models import load_pretrained
 from nqcompile.compile import backend as nexus_backend
 from nqcompile.compile import report as nexus_report
 from tiny_models import tiny_model
@@ -73,3 +77,67 @@ def test_unprepared_model_compiles_unchanged_with_one_warning_naming_optimize():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     reports = nexus_report.last_reports()
     assert not reports[0].prepared and reports[0].counts["sdpa"] == model.config.num_hidden_layers
+
+
+def _decode_tokens(model, ids, call, steps: int):
+    """Prefill ``ids`` through ``call`` then ``steps`` greedy steps. The first step compiles; the later ones run with
+    Dynamo's ``error_on_recompile``. Returns the tokens and the graph breaks and graphs the later steps added."""
+    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + steps + 1)
+    with torch.no_grad():
+        token = call(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = call(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tokens = [int(token)]
+        breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(steps - 1):
+                token = call(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tokens.append(int(token))
+    return tokens, sum(counters["graph_break"].values()) - breaks, counters["stats"]["unique_graphs"] - graphs
+
+
+@pytest.mark.parametrize("route", ["torch.compile(model)", "model.compile()"])
+def test_compiling_the_whole_model_decodes_like_eager_in_one_graph(route):
+    """The prefill (a plan step) runs eagerly inside the compiled model; the 64 decode steps run one fused graph with
+    no break and no recompile."""
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", recent_window=16, warm_tokens=32, min_evict_tokens=32,
+                               relax_key_kl=0)
+    ids = torch.randint(1, 256, (1, 90), generator=torch.Generator().manual_seed(5))
+    eager, _, _ = _decode_tokens(model, ids, model, 64)
+    if route == "model.compile()":
+        model.compile(backend="nexusquant")
+        call = model
+    else:
+        call = torch.compile(model, backend="nexusquant")
+    compiled, breaks, graphs = _decode_tokens(model, ids, call, 64)
+    assert compiled == eager and breaks == 0 and graphs == 0
+    decode = [r for r in nexus_report.last_reports() if r.prepared]
+    layers = model.config.num_hidden_layers
+    assert len(decode) == 1 and decode[0].pass_counts == {"fuse_warm_attention": layers, "fuse_flush_attention": layers}
+
+
+def test_generate_with_compile_config_uses_the_backend():
+    model = nqcompile.optimize(tiny_model("qwen2"), "quant_only", recent_window=16, warm_tokens=32, relax_key_kl=0)
+    ids = torch.randint(1, 256, (1, 90), generator=torch.Generator().manual_seed(6))
+    eager = model.generate(ids, max_new_tokens=64, do_sample=False)
+    config = CompileConfig(backend="nexusquant", fullgraph=True, mode="default")
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told otherwise
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(ids, max_new_tokens=64, do_sample=False, compile_config=config)
+    assert torch.equal(compiled, eager)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    (report,) = nexus_report.last_reports()
+    assert report.pass_counts == {"fuse_warm_attention": 3, "fuse_flush_attention": 3}
+
+
+@pytest.mark.slow
+def test_smollm2_every_attention_layer_is_rewritten_and_decodes_like_eager():
+    model, tokenizer = load_pretrained()
+    nqcompile.optimize(model, "balanced")
+    ids = tokenizer(nqcompile.eval.read_data_text("prompt.txt"), return_tensors="pt").input_ids[:, :1024]
+    eager, _, _ = _decode_tokens(model, ids, model.forward, 64)
+    compiled, breaks, graphs = _decode_tokens(model, ids, torch.compile(model.forward, backend="nexusquant",
+                                                                        fullgraph=True), 64)
+    assert compiled == eager and breaks == 0 and graphs == 0
+    (report,) = nexus_report.last_reports()
+    assert report.pass_counts == {"fuse_warm_attention": 30, "fuse_flush_attention": 30}
+    assert report.code_after.count("nqcompile.cache_attention.default(") == 30
