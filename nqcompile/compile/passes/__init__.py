@@ -1,0 +1,1 @@
+"""FX passes of the ``nexusquant`` backend over Dynamo-captured graphs."""
