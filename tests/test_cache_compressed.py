@@ -414,6 +414,26 @@ def test_rereading_leaves_the_sliding_window_layers_of_a_hybrid_model_as_they_we
     torch.testing.assert_close(cache.layers[0].keys, dyn.layers[0].keys, rtol=0, atol=0)
 
 
+def test_the_sliding_window_layers_of_a_hybrid_model_hold_only_their_window():
+    """After a prefill, transformers' sliding layer would keep a view into the whole prompt's keys and values
+    (counted by memory_report, allocated until the next step); the NexusCache's copy holds the window alone, with
+    the strides it has after a decode step (one compiled graph for both)."""
+    model = nqcompile.optimize(tiny_model("gemma3"), "asym", compress_layers="global_only")
+    ids = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(5))
+    cache, dyn = nqcompile.NexusCache(model.config, "asym", compress_layers="global_only"), \
+        DynamicCache(config=model.config)
+    window = model.config.sliding_window - 1
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dyn)
+        layer = cache.layers[0]
+        torch.testing.assert_close(layer.keys, dyn.layers[0].keys, rtol=0, atol=0)
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes == window * 2 * 64 * 4
+        after_prefill = layer.keys.stride()
+        model(ids[:, :1], past_key_values=cache)
+        assert layer.keys.stride() == after_prefill and layer.values.is_contiguous()
+
+
 def test_rereading_in_pieces_keeps_a_padded_row_equal_to_its_solo_run(monkeypatch):
     """Pieces are cut per row: with 40-token pieces the rows of 97 and 150 tokens are read in 3 and 4 pieces."""
     monkeypatch.setattr(nqcompile.cache.nexus_cache, "REREAD_TOKENS", 40)

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 _CONFIGS = {
-    # Llama: GQA 4 query / 2 KV heads, head_dim 64.
+    # Llama: GQA 2 query / 1 KV head, head_dim 64.
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=1, head_dim=64, max_position_embeddings=1024, rope_theta=10000.0),
@@ -19,16 +19,35 @@ _CONFIGS = {
         vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=1024,
         pad_token_id=0),
+    # Mistral without a sliding window (a sliding window is issue 11), GQA 4 query / 1 KV head.
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=None),
+    # Qwen3: RMS norm of each query and key head before RoPE (QK-norm), GQA, head_dim 64.
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=1024),
+    # Gemma 3 text: sliding-window (32 tokens, RoPE theta 1e4) and global (theta 1e6) layers, QK-norm,
+    # query_pre_attn_scalar scaling, GQA. NexusCache compresses only its global layers (compress_layers="global_only").
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=1024,
+        sliding_window=32, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0),
 }
 
-MODEL_KINDS = tuple(_CONFIGS)
+#: Kinds a NexusCache compresses in every layer (preset defaults apply).
+MODEL_KINDS = ("llama", "qwen2", "phi3", "mistral", "qwen3")
+#: Kinds with sliding-window layers: NexusCache needs ``compress_layers="global_only"`` for them.
+HYBRID_KINDS = ("gemma3",)
 
 
-def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A small random-weight causal LM of the given family, in eval mode, attention "sdpa"."""
+def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attention: str = "sdpa"):
+    """A small random-weight causal LM of the given family (``MODEL_KINDS`` or ``HYBRID_KINDS``), in eval mode,
+    with transformers' attention implementation ``attention`` (``"sdpa"`` or ``"eager"``)."""
     torch.manual_seed(seed)
     config = _CONFIGS[kind]()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random weights give flat attention; sharpen it so eviction decisions matter.
     with torch.no_grad():

@@ -21,7 +21,28 @@ from ..policy import layer_eviction_ratios
 from ..policy.reconstruction import REREAD_TOKENS, allocate_across_layers
 from ..presets import Preset, get_preset
 
-__all__ = ["NexusCache"]
+__all__ = ["NexusCache", "ContiguousSlidingWindowLayer"]
+
+
+class ContiguousSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' ``DynamicSlidingWindowLayer`` (the layer a sliding-window layer of a hybrid model keeps
+    with ``compress_layers="global_only"``), holding its last ``sliding_window - 1`` keys and values as tensors of
+    their own.
+
+    transformers' layer keeps a view of the last states it concatenated: after a prefill, a view into the whole
+    prompt's ``[B, H, L, D]`` keys and values (which stay allocated), after a decode step a view into the
+    ``sliding_window`` tokens of that step, with other strides, so a compiled decode step met both and compiled
+    twice. A contiguous copy of the window (``sliding_window - 1`` tokens per sequence and head, copied at every
+    update) holds only the window and has the same strides after either.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``DynamicSlidingWindowLayer.update``: ``[B, H, n, D]`` new keys and values in, the ``[B, H, kv, D]`` keys
+        and values to attend over out; then the kept window is made contiguous."""
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+        return out
 
 
 class NexusCache(Cache):
@@ -69,7 +90,7 @@ class NexusCache(Cache):
         layers = []
         for i in range(n_layers):
             if sliding[i]:
-                layers.append(DynamicSlidingWindowLayer(sliding_window=text.sliding_window))
+                layers.append(ContiguousSlidingWindowLayer(sliding_window=text.sliding_window))
                 continue
             layers.append(NexusLayer(preset=self.preset, bits=boundary_bits if i in boundary else quant_bits,
                                      eviction_ratio=ratios.get(i, 0.0),

@@ -6,7 +6,9 @@
    (``write_kv`` + attention -> ``nqcompile::cache_attention``).
 
 After both, a decode step of a compressed layer holds one attention node that a kernel replaces whole.
-:func:`run_passes` runs them, each inside a ``GraphTransformObserver``.
+:func:`run_passes` runs them, each inside a ``GraphTransformObserver``. On a model that was not prepared,
+:mod:`.simulate` (``options={"simulate": True}``) instead passes the attention's keys and values through
+quantize-dequantize, a quality study.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ..report import Rewrite
+from ..sites import op_name
 
-__all__ = ["NexusPass", "SITE_META", "op_args", "op_name", "is_op", "full_view_base", "mutated_between",
+__all__ = ["NexusPass", "SITE_META", "op_args", "is_op", "full_view_base", "mutated_between",
            "used_between", "static_size", "site_of"]
 
 #: ``node.meta`` key under which a replacement node keeps the name of the site it replaced (so a later pass
@@ -73,12 +74,6 @@ class NexusPass(CustomGraphPass):
     def uuid(self) -> str:
         """A hash of the pass's source and of this module (Inductor's cache key for custom passes)."""
         return get_hash_for_files((inspect.getfile(type(self)), __file__)).hex()
-
-
-def op_name(target) -> str | None:
-    """``"namespace::name"`` of an op overload or packet, else None."""
-    schema = getattr(target, "_schema", None)
-    return schema.name if schema is not None else getattr(target, "_qualified_op_name", None)
 
 
 def is_op(node: Any, *names: str) -> bool:
