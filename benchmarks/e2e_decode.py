@@ -9,8 +9,9 @@ cache and mode:
 * ``bf16 DynamicCache``, eager, ``sdpa`` attention: the baseline;
 * ``NexusCache`` of each preset (``--presets``) after ``nqcompile.optimize(model, preset)``, built with
   ``max_cache_len = T + every decode step run on it``, in mode ``eager`` and ``compiled`` (the same decode
-  step under ``torch.compile(mode="reduce-overhead", fullgraph=True)``). The two modes of a preset share one
-  prefill: the compiled steps continue the cache the eager steps left.
+  step under ``torch.compile(backend=--backend, mode=--compile-mode, fullgraph=True)``: by default nqcompile's
+  ``nexusquant`` backend with ``reduce-overhead``; ``--backend inductor`` is the default Inductor backend). The two
+  modes of a preset share one prefill: the compiled steps continue the cache the eager steps left.
 
 Measured per row:
 
@@ -59,6 +60,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import nqcompile
+import nqcompile.compile
 from nqcompile.models import cache_kwarg_name
 
 BASELINE = "bf16 DynamicCache"
@@ -87,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated NexusCache presets ('': the baseline only)")
     p.add_argument("--modes", type=_names, default=",".join(MODES),
                    help="comma-separated NexusCache modes: eager, compiled (eager runs first)")
+    p.add_argument("--backend", choices=("nexusquant", "inductor"), default="nexusquant",
+                   help="torch.compile backend of the compiled rows (default: nexusquant)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of the compiled rows (default: reduce-overhead, CUDA graphs)")
     p.add_argument("--no-baseline", action="store_true", help="skip the bf16 DynamicCache rows")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk in tokens")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per row")
@@ -283,10 +289,14 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
         try:
             if compiled:
                 torch.compiler.reset()
-                fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+                fn = torch.compile(step, backend=args.backend, mode=args.compile_mode, fullgraph=True)
+                row.update(backend=args.backend, compile_mode=args.compile_mode)
             else:
                 fn = step
             row.update(time_decode(fn, token, position, warmup=args.warmup, steps=args.steps, compiled=compiled))
+            if compiled and args.backend == "nexusquant":
+                reports = [r for r in nqcompile.compile.last_reports() if r.prepared]
+                row["passes"] = dict(reports[-1].pass_counts) if reports else {}
             row["peak_gib"] = _peak_gib(device, prefill_peak)
             row.update(_report_fields(cache.memory_report()))
         except Exception as err:  # noqa: BLE001
@@ -309,6 +319,8 @@ def _note(row: dict, rows: list[dict]) -> str:
             parts.append(f"recompiled {row['timed_recompiles']} time(s) during the timed steps")
         if row["cudagraph_skips"]:
             parts.append(f"CUDA graphs skipped {row['cudagraph_skips']} time(s)")
+        if row.get("passes"):
+            parts.append("passes: " + ", ".join(f"{name} {n}" for name, n in row["passes"].items()))
         if any(r is not row and r["cache"] == row["cache"] and r["T"] == row["T"] for r in rows):
             parts.append("prefill shared with the eager row")
     if row.get("unused_mib"):
@@ -326,7 +338,8 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         cache = row["cache"] if row["cache"] == BASELINE else f"NexusCache `{row['cache']}`"
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
-        cells = [f"{row['T']:,}", cache, row["mode"], num(row, "prefill_s", ".2f"),
+        mode = f"compiled, {row['backend']}, {row['compile_mode']}" if "backend" in row else row["mode"]
+        cells = [f"{row['T']:,}", cache, mode, num(row, "prefill_s", ".2f"),
                  num(row, "decode_ms_per_token", ".2f"), num(row, "peak_gib", ".2f"), num(row, "allocated_mib", ".1f"),
                  ratio, _note(row, rows)]
         lines.append("| " + " | ".join(cells) + " |")
