@@ -289,7 +289,9 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
         try:
             if compiled:
                 torch.compiler.reset()
-                fn = torch.compile(step, backend=args.backend, mode=args.compile_mode, fullgraph=True)
+                # The backend function itself, so that the run needs no installed entry point (PYTHONPATH is enough).
+                backend = nqcompile.compile.nexusquant if args.backend == "nexusquant" else "inductor"
+                fn = torch.compile(step, backend=backend, mode=args.compile_mode, fullgraph=True)
                 row.update(backend=args.backend, compile_mode=args.compile_mode)
             else:
                 fn = step
