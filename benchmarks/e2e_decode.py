@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import shlex
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +61,12 @@ import nqcompile
 import nqcompile.compile
 from nqcompile.models import cache_kwarg_name
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # benchmarks/_common.py, also when a test loads this script by its path
+    sys.path.insert(0, _HERE)
+from _common import failure as _failure, ints as _ints, markdown, names as _names, progress  # noqa: E402
+from _common import prefill as _prefill, time_calls, write_json as _write  # noqa: E402
+
 BASELINE = "bf16 DynamicCache"
 MODES = ("eager", "compiled")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -70,14 +74,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 SMOKE = dict(device="cpu", layers=2, hidden=256, intermediate=512, vocab=1024, lengths="512", chunk=256, steps=4,
              warmup=2)
 MIB, GIB = 2.0**20, 2.0**30
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in _names(text)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,16 +154,7 @@ def _free(device: torch.device) -> None:
 def prefill(model, cache, ids: torch.Tensor, chunk: int, label: str) -> float:
     """Feed ``ids`` ``[1, T]`` through ``model`` into ``cache`` in chunks of ``chunk`` tokens; returns seconds
     (an optimized model's hook re-reads each chunk inside the same call). Logs each chunk to stderr as ``label``."""
-    kwarg = cache_kwarg_name(model)
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], chunk):
-            model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1, **{kwarg: cache})
-            _sync(ids.device)
-            print(f"  {label}: prefilled {min(start + chunk, ids.shape[1])} tokens in {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr, flush=True)
-    return time.perf_counter() - t0
+    return _prefill(model, cache, ids, chunk, label, sync=lambda: _sync(ids.device)).seconds
 
 
 def decode_step(model, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -180,13 +167,6 @@ def decode_step(model, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
     return step
 
 
-def _compile_counts() -> tuple[int, int]:
-    """Graphs Dynamo has compiled and times Inductor skipped CUDA graphs, so far in this process (their counters)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
-
-
 def time_decode(step, token: torch.Tensor, position: torch.Tensor, *, warmup: int, steps: int,
                 compiled: bool) -> dict:
     """Run ``warmup`` untimed then ``steps`` timed calls of ``step``, advancing ``position`` (in place) each call.
@@ -196,42 +176,13 @@ def time_decode(step, token: torch.Tensor, position: torch.Tensor, *, warmup: in
     (graphs compiled during the timed calls) and ``cudagraph_skips`` (times Inductor ran a graph without CUDA
     graphs). Every compiled call marks a new CUDA-graph step.
     """
-    device = token.device
-    result = {}
-
     def call() -> None:
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
         step(token, position)
         position.add_(1)
 
-    with torch.no_grad():
-        if compiled:
-            graphs0, skips0 = _compile_counts()
-            t0 = time.perf_counter()
-            call()
-            _sync(device)
-            result["compile_s"] = time.perf_counter() - t0
-        for _ in range(warmup):
-            call()
-        _sync(device)
-        if compiled:
-            result["graphs"] = _compile_counts()[0] - graphs0
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            call()
-        _sync(device)
-        result["decode_ms_per_token"] = (time.perf_counter() - t0) / steps * 1e3
-        if compiled:
-            graphs, skips = _compile_counts()
-            result.update(timed_recompiles=graphs - graphs0 - result["graphs"], cudagraph_skips=skips - skips0)
-    return result
-
-
-def _failure(err: BaseException) -> dict:
-    """A failed row's fields: the exception's type and first line, and the end of its traceback."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return {"error": f"{type(err).__name__}: {first}"[:300], "traceback": traceback.format_exc()[-4000:]}
+    return time_calls(call, warmup=warmup, steps=steps, compiled=compiled, sync=lambda: _sync(token.device))
 
 
 def _report_fields(report) -> dict:
@@ -336,16 +287,15 @@ def markdown_table(rows: list[dict]) -> str:
         return "-" if row.get(key) is None else format(row[key], fmt)
 
     head = ["T", "cache", "mode", "prefill s", "decode ms/token", "peak GiB", "allocated MiB", "ratio vs bf16", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for row in rows:
         cache = row["cache"] if row["cache"] == BASELINE else f"NexusCache `{row['cache']}`"
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
         mode = f"compiled, {row['backend']}, {row['compile_mode']}" if "backend" in row else row["mode"]
-        cells = [f"{row['T']:,}", cache, mode, num(row, "prefill_s", ".2f"),
-                 num(row, "decode_ms_per_token", ".2f"), num(row, "peak_gib", ".2f"), num(row, "allocated_mib", ".1f"),
-                 ratio, _note(row, rows)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([f"{row['T']:,}", cache, mode, num(row, "prefill_s", ".2f"),
+                      num(row, "decode_ms_per_token", ".2f"), num(row, "peak_gib", ".2f"),
+                      num(row, "allocated_mib", ".1f"), ratio, _note(row, rows)])
+    return markdown(head, lines)
 
 
 def _environment(device: torch.device) -> dict:
@@ -359,16 +309,9 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _write(path: Path, meta: dict, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-
-
 def _progress(row: dict) -> str:
     keys = ("prefill_s", "compile_s", "decode_ms_per_token", "peak_gib", "allocated_mib", "ratio", "error")
-    fields = ", ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                       for k in keys if row.get(k) is not None)
-    return f"[{time.strftime('%H:%M:%S')}] T={row['T']} {row['cache']} {row['mode']}: {fields}"
+    return progress(row, keys, f"T={row['T']} {row['cache']} {row['mode']}")
 
 
 def main(argv: list[str] | None = None) -> int:
