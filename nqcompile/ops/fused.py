@@ -20,10 +20,10 @@ from .reference import _attention, _decode, write_kv
 __all__ = ["cache_attention"]
 
 
-# Tagged as write_kv is (the reference quantize-on-write cannot run inside a CUDA-graph capture); the passes fold
-# a write into it only where that costs no CUDA graph (see nqcompile.compile.passes.fuse_flush_attention).
-@torch.library.custom_op("nqcompile::cache_attention", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+# Not tagged cudagraph_unsafe, so that the attention stays inside a CUDA graph: only a write folded into it
+# (new_k given) cannot be captured with the torch reference, and the passes fold one only where the graph is not
+# compiled for CUDA graphs (nqcompile.compile.passes.fuse_flush_attention).
+@torch.library.custom_op("nqcompile::cache_attention", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
 def cache_attention(
     query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
     code_pos: torch.Tensor, code_len: torch.Tensor,

@@ -49,8 +49,8 @@ def write_kv(
             ``[1]`` of the values (``x = (k - mean) / scale`` is what gets coded).
         kind, key_bits, value_bits, attention_scaling, rotary_dim, layout: see :class:`~nqcompile.codec.kv.KVTransform`.
     """
-    if key.shape[2] == 0:
-        return
+    if key.shape[2] == 0 or (count.device.type == "cpu" and not bool(count.any())):
+        return  # nothing to write (a static decode step with no flush): checked where it costs no device sync
     if kind == "exact":
         kc, vc, ks, vs = key, value, None, None
     else:
