@@ -173,3 +173,26 @@ def test_diff_lists_the_30_attention_sites_of_smollm2(tmp_path):
     model, _ = load_pretrained()
     diff = graph_diff(model, "balanced", prompt_tokens=64, steps=2)
     _check_structure(diff, 30, "dequant_attention", tmp_path)
+    (report,) = diff.reports
+    assert report.pass_counts["fuse_flush_attention"] == 30
+    rewritten = [o for o in site_outcomes(report) if o.kind == "dequant_attention" and o.status == "rewritten"]
+    assert sorted(o.module for o in rewritten) == sorted(f"model.layers.{i}.self_attn" for i in range(30))
+    assert all(o.rewrites[-1].became == "nqcompile::cache_attention" for o in rewritten)
+
+
+def test_layers_the_cache_leaves_to_transformers_run_uncompressed_and_the_diff_says_why(tmp_path):
+    """Gemma 3 with compress_layers="global_only": its sliding-window layers keep transformers' cache and SDPA,
+    which no pass knows; they are listed as left alone with the reason, the global layers are rewritten."""
+    model = nqcompile.optimize(tiny_model("gemma3"), "quant_only", compress_layers="global_only", **SMALL)
+    sliding = [i for i, t in enumerate(model.config.layer_types) if t == "sliding_attention"]
+    diff = graph_diff(model, prompt_tokens=60, steps=3)
+    assert diff.graph_breaks == {}
+    for report in diff.reports:
+        outcomes = site_outcomes(report)
+        sdpa = [o for o in outcomes if o.kind == "sdpa"]
+        assert sorted(o.module for o in sdpa) == [f"model.layers.{i}.self_attn" for i in sliding]
+        assert all(o.status == "left alone" and o.recorded and "leaves uncompressed" in o.reason for o in sdpa)
+        fused = [o for o in outcomes if o.kind == "dequant_attention"]
+        assert len(fused) == len(model.config.layer_types) - len(sliding)
+        assert all(o.status == "rewritten" for o in fused)
+    assert "leaves uncompressed" in diff.to_text()

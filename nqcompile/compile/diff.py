@@ -59,6 +59,7 @@ class SiteOutcome:
         reason: why it was left alone (empty otherwise).
         recorded: whether the reason comes from the report (a :class:`LeftAlone` entry); false when the diff tool
             inferred it because no pass recorded one.
+        module: the model's module the site is in (``"model.layers.3.self_attn"``), empty when unknown.
     """
 
     node: str
@@ -68,6 +69,7 @@ class SiteOutcome:
     rewrites: tuple[Rewrite, ...] = ()
     reason: str = ""
     recorded: bool = True
+    module: str = ""
 
     def describe(self) -> str:
         """One line for a table: the op it became and the nodes fused, or the reason it was left alone."""
@@ -87,7 +89,7 @@ class SiteOutcome:
         """JSON-able form (lists for tuples)."""
         return {"node": self.node, "kind": self.kind, "target": self.target, "status": self.status,
                 "rewrites": [_rewrite_dict(rw) for rw in self.rewrites], "reason": self.reason,
-                "recorded": self.recorded, "outcome": self.describe()}
+                "recorded": self.recorded, "module": self.module, "outcome": self.describe()}
 
 
 def _rewrite_dict(rw: Rewrite) -> dict[str, Any]:
@@ -121,17 +123,17 @@ def site_outcomes(report: CompileReport) -> list[SiteOutcome]:
     else:
         inferred = _NO_REASON
 
-    def outcome(node: str, kind: str, target: str) -> SiteOutcome:
+    def outcome(node: str, kind: str, target: str, module: str = "") -> SiteOutcome:
         if node in by_site:
-            return SiteOutcome(node, kind, target, "rewritten", tuple(by_site[node]))
+            return SiteOutcome(node, kind, target, "rewritten", tuple(by_site[node]), module=module)
         if node in fused_into:
-            return SiteOutcome(node, kind, target, "fused", (fused_into[node],))
+            return SiteOutcome(node, kind, target, "fused", (fused_into[node],), module=module)
         if node in reasons:
-            return SiteOutcome(node, kind, target, "left alone", reason=reasons[node].reason)
-        return SiteOutcome(node, kind, target, "left alone", reason=inferred, recorded=False)
+            return SiteOutcome(node, kind, target, "left alone", reason=reasons[node].reason, module=module)
+        return SiteOutcome(node, kind, target, "left alone", reason=inferred, recorded=False, module=module)
 
     listed = {site.node for site in report.sites}
-    out = [outcome(site.node, site.kind, site.target) for site in report.sites]
+    out = [outcome(site.node, site.kind, site.target, site.module) for site in report.sites]
     out += [outcome(node, "other", "") for node in by_site if node not in listed]
     out += [SiteOutcome(la.site, la.kind, "", "left alone", reason=la.reason)
             for la in report.left_alone if la.site not in listed and la.site not in by_site]
@@ -243,15 +245,16 @@ class GraphDiff:
         lines = ["nqcompile graph diff", *self._summary()]
         for report in self.reports:
             lines += ["", _graph_title(report)]
-            rows, notes = [("site", "kind", "outcome")], {}
+            rows, notes = [("module", "site", "kind", "outcome")], {}
             for o in site_outcomes(report):
                 if o.status == "left alone":  # a reason shared by many sites is printed once, under the table
                     note = o.reason if o.recorded else f"{o.reason} [inferred: no pass recorded a reason]"
-                    rows.append((o.node, o.kind, f"left alone ({notes.setdefault(note, len(notes) + 1)})"))
+                    rows.append((o.module or "-", o.node, o.kind,
+                                 f"left alone ({notes.setdefault(note, len(notes) + 1)})"))
                 else:
-                    rows.append((o.node, o.kind, o.describe()))
-            width = [max(len(r[i]) for r in rows) for i in range(2)]
-            lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
+                    rows.append((o.module or "-", o.node, o.kind, o.describe()))
+            width = [max(len(r[i]) for r in rows) for i in range(3)]
+            lines += [f"  {m:<{width[0]}}  {a:<{width[1]}}  {b:<{width[2]}}  {c}" for m, a, b, c in rows]
             lines += [f"  ({i}) {note}" for note, i in notes.items()]
             lines.append(f"  passes: {_pass_counts(report)}")
             changed = "unchanged" if report.code_after == report.code_before else "changed"
@@ -301,10 +304,10 @@ class GraphDiff:
         body = ["<h1>nqcompile graph diff</h1>"] + [f"<p>{esc(line)}</p>" for line in self._summary()]
         for report in self.reports:
             body.append(f'<h2 id="graph-{report.graph}">{esc(_graph_title(report))}</h2>')
-            body.append('<table class="sites"><tr><th>site</th><th>kind</th><th>target</th><th>outcome</th></tr>')
+            body.append('<table class="sites"><tr><th>module</th><th>site</th><th>kind</th><th>target</th><th>outcome</th></tr>')
             for o in site_outcomes(report):
                 cls = "left" if o.status == "left alone" else "done"
-                body.append(f'<tr class="{cls}"><td>{esc(o.node)}</td><td>{esc(o.kind)}</td><td>{esc(o.target)}</td>'
+                body.append(f'<tr class="{cls}"><td>{esc(o.module)}</td><td>{esc(o.node)}</td><td>{esc(o.kind)}</td><td>{esc(o.target)}</td>'
                             f"<td>{esc(o.describe())}</td></tr>")
             body.append("</table>")
             body.append(f"<p>passes: {esc(_pass_counts(report))}</p>")

@@ -22,6 +22,7 @@ rather than reported on its own), its mask and its softmax scale.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 from numbers import Number
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-__all__ = ["Site", "find_sites", "SITE_KINDS", "op_name"]
+__all__ = ["Site", "find_sites", "SITE_KINDS", "op_name", "module_of"]
 
 #: Every kind of site, in report order.
 SITE_KINDS = ("dequant_attention", "cache_write", "sdpa", "eager_attention", "cache_update")
@@ -76,6 +77,8 @@ class Site:
             or not a constant.
         mask: name of the node holding the attention mask (SDPA's ``attn_mask``; the tensor the eager form adds
             to its scores), None when there is none.
+        module: the model's module the call was made in (``"model.layers.3.self_attn"``), from Dynamo's
+            ``nn_module_stack``; empty when unknown.
     """
 
     kind: str
@@ -87,6 +90,7 @@ class Site:
     repeat_kv: tuple[str, ...] = ()
     scale: float | None = None
     mask: str | None = None
+    module: str = ""
 
 
 def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
@@ -107,7 +111,7 @@ def find_sites(gm: torch.fx.GraphModule) -> list[Site]:
     for node in gm.graph.nodes:
         kind = _other_kind(node, read)
         if kind is not None:
-            found.append((node, Site(kind, node.name, _target_name(node), (node.name,))))
+            found.append((node, Site(kind, node.name, _target_name(node), (node.name,), module=module_of(node))))
     return [site for _, site in sorted(found, key=lambda pair: order[pair[0]])]
 
 
@@ -123,6 +127,18 @@ def _other_kind(node: Node, read: set[Node]) -> str | None:
     elif node.op == "call_method" and node.target in _WRITE_METHODS and _root(node) in read:
         return "cache_update"
     return None
+
+
+def module_of(node: Node) -> str:
+    """The innermost module whose forward made the call ``node`` (``"model.layers.3.self_attn"``), from Dynamo's
+    ``nn_module_stack`` metadata; empty when the graph does not say."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # Dynamo's source of the root module
+    path = re.sub(r"\[(\d+)\]", r".\1", path)     # layers[3] -> layers.3
+    return re.sub(r"\._modules\['([^']*)'\]", r".\1", path).lstrip(".")
 
 
 def _target_name(node: Node) -> str:
@@ -191,7 +207,7 @@ def _attention(kind: str, node: Node, parts: list[Node], key: Node, value: Node,
     return Site(kind, node.name, _target_name(node), tuple(n.name for n in nodes),
                 key=key.name, value=value.name, repeat_kv=tuple(n.name for n in sorted(repeat, key=order.__getitem__)),
                 scale=float(scale) if isinstance(scale, Number) else None,
-                mask=mask.name if isinstance(mask, Node) else None)
+                mask=mask.name if isinstance(mask, Node) else None, module=module_of(node))
 
 
 def _is_call(node, functions: set, methods: set) -> bool:
