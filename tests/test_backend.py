@@ -14,21 +14,13 @@ from transformers import CompileConfig
 import nqcompile
 import nqcompile.eval
 from nqcompile.models import load_pretrained
-from nqcompile.compile import backend as nexus_backend
 from nqcompile.compile import report as nexus_report
 from tiny_models import tiny_model
 
 STEPS = 16
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    torch._dynamo.reset()
-    counters.clear()
-    monkeypatch.setattr(nexus_report, "_REPORTS", [])
-    monkeypatch.setattr(nexus_backend, "_WARNED", False)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_backend_is_found_in_a_fresh_interpreter_that_never_imported_nqcompile():

@@ -18,13 +18,7 @@ STEPS = 64
 SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("no_recompiles")
 
 
 def _greedy(model, ids: torch.Tensor, cache, step) -> list[int]:

@@ -5,15 +5,10 @@ import json
 import logging
 
 import pytest
-import torch
-import torch._dynamo
-from torch._dynamo.utils import counters
 from torch._logging._internal import trace_log
 
 import nqcompile
 from nqcompile.compile import CompileReport, GraphDiff, LeftAlone, Rewrite, Site, graph_diff
-from nqcompile.compile import backend as nexus_backend
-from nqcompile.compile import report as nexus_report
 from nqcompile.compile.diff import ARTIFACT_NAME, site_outcomes
 from tiny_models import tiny_model
 
@@ -22,14 +17,7 @@ SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl
 STATUSES = {"rewritten", "fused", "left alone"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    torch._dynamo.reset()
-    counters.clear()
-    monkeypatch.setattr(nexus_report, "_REPORTS", [])
-    monkeypatch.setattr(nexus_backend, "_WARNED", False)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _check_structure(diff: GraphDiff, layers: int, attention_kind: str, tmp_path):

@@ -21,13 +21,7 @@ SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl
 STEPS = 24
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    torch._dynamo.reset()
-    counters.clear()
-    monkeypatch.setattr(nexus_report, "_REPORTS", [])
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _codec(head_dim: int, batch: int, heads: int, key_bits: int, value_bits: int):

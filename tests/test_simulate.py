@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from transformers import DynamicCache, StaticCache
 
 import nqcompile
-from nqcompile.compile import backend as nexus_backend
 from nqcompile.compile import report as nexus_report
 from nqcompile.compile.passes.simulate import simulate_kv, simulation_preset
 from nqcompile.models import cache_kwarg_name
@@ -20,13 +19,7 @@ from tiny_models import tiny_model
 LENGTH = 100
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setattr(nexus_report, "_REPORTS", [])
-    monkeypatch.setattr(nexus_backend, "_WARNED", False)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class _HandSimulatedCache(DynamicCache):

@@ -15,11 +15,7 @@ from nqcompile.models import cache_kwarg_name
 from tiny_models import HYBRID_KINDS, MODEL_KINDS, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _graphs(fn, *args, **kwargs) -> list[torch.fx.GraphModule]:
