@@ -169,16 +169,17 @@ def test_query_dtypes(dtype):
 
 def test_partials_overwrite_every_element():
     """Poisoned (NaN) partial buffers: every split writes its o, m, l, including splits past a sequence's code
-    length (m = -inf, l = 0, o = 0), and a sequence with no codes at all."""
+    length (m = -inf, l = 0, o = 0), and a sequence with no codes at all; merged, they are the attention over the
+    codes."""
     a = _case(capacity=96, lengths=[70, 0], warm=0)
     batch, q_heads, _, dim = a["query"].shape
-    split = K.BLOCK_N
+    split = K.launch_shape(dim)[0]
     n_splits = triton.cdiv(96, split)
     o = torch.full((batch, q_heads, n_splits, dim), float("nan"), device=DEVICE)
     m, l = torch.full_like(o[..., 0], float("nan")), torch.full_like(o[..., 0], float("nan"))
     hadamard_pm1 = (a["hadamard"] * dim ** 0.5).to(torch.float16)
     K.code_split_partials(a["query"], a["k_codes"], a["k_scales"], a["v_codes"], a["v_scales"], a["code_pos"],
-                          a["code_len"], hadamard_pm1, a["inv_freq"], a["norm_mean"], a["norm_scale"],
+                          a["code_len"], hadamard_pm1, a["inv_freq"], a["norm_mean"][0], a["norm_scale"][0],
                           K.centroid_table(DEVICE), key_bits=4, value_bits=2, attention_scaling=1.0, rotary_dim=dim,
                           layout="half", scaling=a["scaling"], by_mask=False, split=split, out=(o, m, l))
     assert not (o.isnan().any() or m.isnan().any() or l.isnan().any())
@@ -186,7 +187,7 @@ def test_partials_overwrite_every_element():
     assert torch.equal(m.isfinite(), seen.expand_as(m)) and torch.equal(l > 0, seen.expand_as(l))
     assert torch.equal(o[~seen.expand_as(m)], torch.zeros_like(o[~seen.expand_as(m)]))
     # The merged result of the partials is the attention over the 70 held slots.
-    out = K.merge_partials([(o, m, l)]).unsqueeze(2)
+    out = K.merge_partials([(o, m, l)], None, a["hadamard"], a["norm_mean"][1], a["norm_scale"][1]).unsqueeze(2)
     ref = ops.dequant_attention(a["query"].double(), a["k_codes"], a["k_scales"], a["v_codes"], a["v_scales"],
                                 a["code_pos"], a["code_len"], a["exact_k"][:, :, :0], a["exact_v"][:, :, :0],
                                 a["exact_mask"][:, :, :0], a["hadamard"], a["inv_freq"], a["norm_mean"],

@@ -4,10 +4,11 @@ Flash-decoding (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context
 each (sequence, KV head) are cut into splits, one program per (sequence, KV head, split), each running the
 online softmax (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867) over its
 slots and writing a partial result ``(acc, m, l)``; a merge then combines the splits, the warm tier's splits and
-the exact segment by their log-sum-exp. Nothing decoded ever reaches memory.
+the exact segment by their log-sum-exp. Nothing decoded ever reaches memory: the partials are ``[G, D]`` per
+program.
 
 One program of :func:`_code_split_kernel` holds all ``G`` query heads of its KV group (GQA: the codes are read
-once per group) and, per block of ``BLOCK_N`` slots, in registers:
+once per group) and, per block of ``BLOCK_N`` slots (:func:`launch_shape`), in registers:
 
 * keys: the packed labels of every 8-dim block are read as one little-endian word, turned into the lattice point
   ``k G`` and reduced to the codebook's representative ``c = k G - q e8_nearest(k G / q)``
@@ -21,19 +22,21 @@ once per group) and, per block of ``BLOCK_N`` slots, in registers:
   ``rotary_dim`` paired among themselves with angle 0 and no scaling), so the rotation is elementwise and the score
   ``q . k = q_A . k_A + q_B . k_B``. Keys cannot fold the Hadamard matrix into the query: RoPE, which depends on
   each slot's position, sits between the two.
-* values: the inverse Hadamard transform, the normalization and the centroid fold into the output, exactly (all
-  linear): ``sum_t p_t v_t = s * ((sum_t p_t gain scale_t c_t - (sum_t p_t gain scale_t) centroid) @ H) + mean *
-  sum_t p_t``. A program accumulates ``(p * gain * scale) @ c`` and ``sum(p * gain * scale)`` over its slots and
-  applies ``H``, the normalization and the mean once, at its end.
+* values: the centroid, the inverse Hadamard transform and the normalization fold into the output, exactly (all
+  linear). A value decodes as ``v_t = s * (x_t @ H) + mean`` with ``x_t = gain scale_t (c_t - centroid)``, so
+  ``sum_t p_t v_t = s * ((sum_t p_t x_t) @ H) + mean * sum_t p_t``: a program accumulates ``(p gain scale) @ c`` and
+  ``sum(p gain scale)`` over its slots and writes ``sum_t p_t x_t`` (the Hadamard domain); the merge applies ``H``,
+  ``s`` and ``mean`` once per query head, after combining the splits of the codes and of the warm tier (which share
+  the codec's ``H``, ``s`` and ``mean``).
 
 Scores are taken in base 2 (``scaling * log2(e)`` folded into the query). Dots: ``c @ sqrt(D) H`` in float16 (exact),
-``q . k`` and the final ``@ H`` in float32 (``input_precision="ieee"``: the scores are exponentiated, so their
-rounding matters most), ``p @ c`` at the default float32 precision (TF32 on NVIDIA GPUs: ``c`` is exact there, ``p``
-rounded to 10 bits, errors averaging over the slots).
+``q . k`` in float32 (``input_precision="ieee"``: the scores are exponentiated, so their rounding matters most),
+``p @ c`` at the default float32 precision (TF32 on NVIDIA GPUs: ``c`` is exact there, ``p`` rounded to 10 bits,
+errors averaging over the slots).
 
 The warm tier is the same kernel over the warm codes (at ``warm_bits``, validity from ``warm_mask``); the exact
-segment (sinks, window, new tokens: a few dozen float tokens) and the merge are torch ops inside the ``triton_op``,
-which Inductor fuses where the op is compiled.
+segment (sinks, window, new tokens: a few dozen float tokens) and the merge (:func:`merge_partials`) are torch ops
+inside the ``triton_op``, which Inductor fuses where the op is compiled.
 """
 
 from __future__ import annotations
@@ -53,10 +56,8 @@ from ..codec.registry import code_for
 from ..codec.rope import LAYOUTS
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
-           "split_tokens", "BLOCK_N", "MAX_HEAD_DIM", "MAX_GROUP"]
+           "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
 
-#: Code slots per block of the kernel's loop (a multiple of 16, the smallest ``tl.dot`` dimension).
-BLOCK_N = 32
 #: Largest head dimension the kernel takes (its ``[G, D]`` accumulator and ``[D, D / 2]`` Hadamard halves live in
 #: registers and shared memory).
 MAX_HEAD_DIM = 256
@@ -151,9 +152,9 @@ def _code_split_kernel(
     skc_b, skc_h, skc_t, skc_c, sks_b, sks_h, sks_t,
     svc_b, svc_h, svc_t, svc_c, svs_b, svs_h, svs_t,
     sp_b, sp_h, sp_t, sl_b, sl_t,
-    sn_i, sn_b, sn_h, sn_d,
+    sn_b, sn_h, sn_d,
     so_b, so_h, so_s, sm_b, sm_h, sm_s,
-    H, C, split_tokens, qk_scale, key_unit, value_unit, attention_scaling,
+    H, C, split_tokens, qk_scale, key_unit, value_gain, attention_scaling,
     G: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, BY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -161,8 +162,8 @@ def _code_split_kernel(
 ):
     """One (sequence, KV head, split): online softmax of the group's queries over the split's code slots.
 
-    Writes ``o[b, h*G + g, split]`` (``[D]``, the value-domain sum ``sum_t 2**(s_t - m) v_t``), ``m`` (the running
-    max of the base-2 scores, ``-inf`` if no slot was seen) and ``l`` (``sum_t 2**(s_t - m)``). Slots seen: those
+    Writes ``o[b, h*G + g, split]`` (``[D]``, the Hadamard-domain sum ``sum_t 2**(s_t - m) x_t``), ``m`` (the
+    running max of the base-2 scores, ``-inf`` if no slot was seen) and ``l`` (``sum_t 2**(s_t - m)``). Slots seen: those
     of ``[split * split_tokens, (split + 1) * split_tokens)`` below ``min(lim[b], C)`` (``BY_MASK`` false:
     ``lim`` holds the lengths) or below ``C`` whose ``lim[b, t]`` is true (``BY_MASK``: ``lim`` is a mask).
     """
@@ -244,19 +245,14 @@ def _code_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # Values, Hadamard domain: p weighted by gain * scale, times the codewords.
         cv = _e8_codewords(vc_ptr + b * svc_b + h * svc_h + t * svc_t, svc_c, live, VALUE_BITS, D, BLOCK_N, BLOCK_D)
-        pw = p * (_scales(vs_ptr + b * svs_b + h * svs_h + t * svs_t, live) * value_unit)[None, :]
+        pw = p * (_scales(vs_ptr + b * svs_b + h * svs_h + t * svs_t, live) * value_gain)[None, :]
         acc = acc * alpha[:, None] + tl.dot(pw, cv)
         p_sum = p_sum * alpha + tl.sum(pw, axis=1)
         m_i = m_new
 
-    # Values back to their domain: (acc - p_sum centroid) @ sqrt(D) H (1 / sqrt(D) is in value_unit),
-    # de-normalized (the mean weighs l).
+    # sum_t p_t x_t = sum_t p_t gain scale_t (c_t - centroid).
     value_mu = tl.load(cent_ptr + (VALUE_BITS - 2) * 8 + r % 8, mask=r_ok, other=0.0)
-    hfull = tl.load(hpm_ptr + r[:, None] * D + r[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    x = tl.dot(acc - p_sum[:, None] * value_mu[None, :], hfull.to(tl.float32), input_precision="ieee")
-    v_mean = tl.load(mean_ptr + sn_i + norm + r * sn_d, mask=r_ok, other=0.0)
-    v_scale = tl.load(scale_ptr + sn_i + norm + r * sn_d, mask=r_ok, other=0.0)
-    out = x * v_scale[None, :] + v_mean[None, :] * l_i[:, None]
+    out = acc - p_sum[:, None] * value_mu[None, :]
     rows = b * so_b + (h * G + g) * so_h + split * so_s
     tl.store(o_ptr + rows[:, None] + r[None, :], out, mask=(g < G)[:, None] & r_ok[None, :])
     stats = b * sm_b + (h * G + g) * sm_h + split * sm_s
@@ -274,20 +270,29 @@ def centroid_table(device: torch.device | str) -> torch.Tensor:
     return on_device(_CENTROIDS, device)
 
 
-def split_tokens(capacity: int, batch_heads: int, device: torch.device) -> int:
-    """Code slots per split (a multiple of :data:`BLOCK_N`) for ``capacity`` slots and ``batch_heads`` (sequence,
-    KV head) pairs: enough splits for about two programs per streaming multiprocessor on CUDA (8 programs in all
-    elsewhere), never more splits than blocks. Depends on shapes only (no synchronization; CUDA-graph safe)."""
-    blocks = max(1, triton.cdiv(capacity, BLOCK_N))
+def launch_shape(dim: int) -> tuple[int, int]:
+    """``(block, warps)`` for head dimension ``dim``: code slots per block of the kernel's loop (a multiple of 16,
+    the smallest ``tl.dot`` dimension) and warps per program. Chosen so that the in-register E8 decode of a block
+    fits the registers with few spills (ptxas for sm_90: none at 64, a few words at 128 and 256); not yet tuned by
+    measurement."""
+    return (32 if dim <= 128 else 16), (4 if dim <= 64 else 8)
+
+
+def split_tokens(capacity: int, batch_heads: int, block: int, device: torch.device) -> int:
+    """Code slots per split (a multiple of ``block``, :func:`launch_shape`) for ``capacity`` slots and
+    ``batch_heads`` (sequence, KV head) pairs: enough splits for about two programs per streaming multiprocessor on
+    CUDA (8 programs in all elsewhere), never more splits than blocks. Depends on shapes only (no synchronization;
+    CUDA-graph safe)."""
+    blocks = max(1, triton.cdiv(capacity, block))
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     splits = min(blocks, max(1, triton.cdiv(target, max(1, batch_heads))))
-    return triton.cdiv(blocks, splits) * BLOCK_N
+    return triton.cdiv(blocks, splits) * block
 
 
 def code_split_partials(
     query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
     positions: torch.Tensor, limit: torch.Tensor, hadamard_pm1: torch.Tensor, inv_freq: torch.Tensor,
-    norm_mean: torch.Tensor, norm_scale: torch.Tensor, centroids: torch.Tensor, *, key_bits: int, value_bits: int,
+    key_mean: torch.Tensor, key_scale: torch.Tensor, centroids: torch.Tensor, *, key_bits: int, value_bits: int,
     attention_scaling: float, rotary_dim: int, layout: str, scaling: float, by_mask: bool, split: int,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
@@ -301,37 +306,44 @@ def code_split_partials(
         limit: ``by_mask`` false: int64 ``[B]`` (or ``[B, 1]``) slots held per sequence; ``by_mask`` true: bool
             ``[B, 1, C]``, the slots the query sees.
         hadamard_pm1: float16 ``[D, D]``, ``sqrt(D)`` times the orthonormal Hadamard matrix (entries ``±1``).
-        inv_freq: float32 ``[rotary_dim / 2]``. norm_mean, norm_scale: float32 ``[2, B, H, D]`` (keys, values).
+        inv_freq: float32 ``[rotary_dim / 2]``. key_mean, key_scale: float32 ``[B, H, D]`` with the same strides,
+            the keys' per-channel normalization (``norm_mean[0]``, ``norm_scale[0]`` of :func:`nqcompile.ops.write_kv`).
         centroids: :func:`centroid_table` on the device.
         key_bits, value_bits: E8 bits per element (2, 3 or 4). attention_scaling, rotary_dim, layout: the RoPE.
         scaling: softmax scale of the scores.
         by_mask: how ``limit`` reads (above).
-        split: code slots per program, a multiple of :data:`BLOCK_N` (:func:`split_tokens`).
+        split: code slots per program, a multiple of ``launch_shape(D)[0]`` (:func:`split_tokens`).
         out: ``(o, m, l)``, float32 ``[B, Hq, S, D]``, ``[B, Hq, S]``, ``[B, Hq, S]`` with ``S = ceil(C / split)``,
-            every element overwritten: ``o`` the value-domain sums ``sum_t 2**(s_t - m) v_t`` of each split,
-            ``m`` its max base-2 score ``s_t = scaling * log2(e) * q . k_t`` (``-inf``: no slot seen), ``l`` its
-            ``sum_t 2**(s_t - m)``.
+            every element overwritten. Per split: ``m`` the max base-2 score ``s_t = scaling * log2(e) * q . k_t``
+            of the slots seen (``-inf``: none), ``l = sum_t 2**(s_t - m)``, and ``o = sum_t 2**(s_t - m) x_t`` in
+            the Hadamard domain, ``x_t = gain * scale_t * (c_t - centroid)`` the dequantized (rotated, normalized)
+            value, before ``@ H`` and the values' normalization (:func:`merge_partials` applies them).
     """
     batch, q_heads, _, dim = query.shape
     heads, capacity = k_codes.shape[1], k_codes.shape[2]
     o, m, l = out
+    if key_mean.stride() != key_scale.stride():
+        raise ValueError(f"key_mean and key_scale need the same strides, got {key_mean.stride()} and {key_scale.stride()}")
     lim_b, lim_t = (limit.stride(0), limit.stride(2)) if by_mask else (limit.stride(0), 0)
     pos_h = positions.stride(1) if positions.shape[1] > 1 else 0
+    block, warps = launch_shape(dim)
+    if split % block:
+        raise ValueError(f"split={split} is not a multiple of the kernel's block of {block} slots")
     grid = (batch * heads, triton.cdiv(capacity, split))
     wrap_triton(_code_split_kernel)[grid](
-        query, k_codes, k_scales, v_codes, v_scales, positions, limit, hadamard_pm1, inv_freq, norm_mean, norm_scale,
+        query, k_codes, k_scales, v_codes, v_scales, positions, limit, hadamard_pm1, inv_freq, key_mean, key_scale,
         centroids, o, m, l,
         query.stride(0), query.stride(1), query.stride(3),
         *k_codes.stride(), *k_scales.stride(),
         *v_codes.stride(), *v_scales.stride(),
         positions.stride(0), pos_h, positions.stride(2), lim_b, lim_t,
-        *norm_mean.stride(),
+        *key_mean.stride(),
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1), m.stride(2),
         heads, capacity, split, scaling * _LOG2E, code_for("e8", key_bits).gain / math.sqrt(dim),
-        code_for("e8", value_bits).gain / math.sqrt(dim), attention_scaling,
+        code_for("e8", value_bits).gain, attention_scaling,
         G=q_heads // heads, D=dim, ROTARY=rotary_dim, INTERLEAVED=layout == "interleaved", KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=BLOCK_N, BLOCK_G=_pow2(q_heads // heads),
-        BLOCK_D=_pow2(dim), BLOCK_P=_pow2(dim // 2), TWO_PI=_TWO_PI,
+        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=_pow2(q_heads // heads),
+        BLOCK_D=_pow2(dim), BLOCK_P=_pow2(dim // 2), TWO_PI=_TWO_PI, num_warps=warps,
     )
 
 
@@ -340,20 +352,22 @@ def _segment(query, k_codes, k_scales, v_codes, v_scales, positions, limit, by_m
     """Partials ``(o, m, l)`` of one code segment (:func:`code_split_partials`), splits chosen by :func:`split_tokens`."""
     batch, q_heads, _, dim = query.shape
     capacity = k_codes.shape[2]
-    split = split_tokens(capacity, batch * k_codes.shape[1], query.device)
+    split = split_tokens(capacity, batch * k_codes.shape[1], launch_shape(dim)[0], query.device)
     n_splits = triton.cdiv(capacity, split)
     o = torch.empty(batch, q_heads, n_splits, dim, dtype=torch.float32, device=query.device)
     m = torch.empty(batch, q_heads, n_splits, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
-    code_split_partials(query, k_codes, k_scales, v_codes, v_scales, positions, limit, *codec[:5],
-                        key_bits=key_bits, value_bits=value_bits, attention_scaling=codec[5], rotary_dim=codec[6],
-                        layout=codec[7], scaling=scaling, by_mask=by_mask, split=split, out=(o, m, l))
+    hadamard_pm1, inv_freq, key_mean, key_scale, centroids, attention_scaling, rotary_dim, layout = codec
+    code_split_partials(query, k_codes, k_scales, v_codes, v_scales, positions, limit, hadamard_pm1, inv_freq, key_mean,
+                        key_scale, centroids, key_bits=key_bits, value_bits=value_bits,
+                        attention_scaling=attention_scaling, rotary_dim=rotary_dim, layout=layout, scaling=scaling,
+                        by_mask=by_mask, split=split, out=(o, m, l))
     return o, m, l
 
 
 def _exact_partials(query, exact_k, exact_v, exact_mask, scaling):
-    """Partials ``(o, m, l)`` (one "split", base 2, float32) of the exact segment: ``exact_k``/``exact_v``
-    ``[B, H, E, D]`` float, ``exact_mask`` ``[B, 1, E]`` bool."""
+    """Partials ``(o, m, l)`` (one "split", base 2, float32, ``o`` in the value domain) of the exact segment:
+    ``exact_k``/``exact_v`` ``[B, H, E, D]`` float, ``exact_mask`` ``[B, 1, E]`` bool."""
     batch, q_heads, _, dim = query.shape
     heads = exact_k.shape[1]
     q = query.reshape(batch, heads, q_heads // heads, dim).float()
@@ -365,24 +379,42 @@ def _exact_partials(query, exact_k, exact_v, exact_mask, scaling):
     return o.reshape(batch, q_heads, 1, dim), m.reshape(batch, q_heads, 1), p.sum(-1).reshape(batch, q_heads, 1)
 
 
-def merge_partials(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine split partials into the softmax average (the flash-decoding reduction).
+def merge_partials(coded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   exact: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], hadamard: torch.Tensor,
+                   value_mean: torch.Tensor, value_scale: torch.Tensor) -> torch.Tensor:
+    """Combine split partials into the softmax average (the flash-decoding reduction, by log-sum-exp).
 
     Args:
-        partials: ``(o, m, l)`` triples as :func:`code_split_partials` writes them (``[B, Hq, S_i, D]``,
-            ``[B, Hq, S_i]``, ``[B, Hq, S_i]``, float32, base-2 maxima), at least one.
+        coded: ``(o, m, l)`` triples of code segments as :func:`code_split_partials` writes them (``[B, Hq, S_i, D]``
+            Hadamard-domain sums, ``[B, Hq, S_i]``, ``[B, Hq, S_i]``, float32, base-2 maxima), all of one codec
+            (``H``, normalization); may be empty.
+        exact: the same triple for value-domain partials (the exact segment), or None.
+        hadamard: float32 ``[D, D]``. value_mean, value_scale: float32 ``[B, H, D]``, the values' per-channel
+            normalization (``norm_mean[1]``, ``norm_scale[1]``).
 
     Returns:
-        float32 ``[B, Hq, D]``: ``sum_i 2**(m_i - M) o_i / sum_i 2**(m_i - M) l_i`` with ``M = max_i m_i``; zero
-        for a query that saw nothing (every ``m_i = -inf``), as the torch reference.
+        float32 ``[B, Hq, D]``: with ``M`` the max of every ``m`` and ``w = 2**(m - M)``,
+        ``(value_scale * ((sum w o_coded) @ H) + value_mean * sum w l_coded + sum w o_exact) / sum w l``; zero for
+        a query that saw nothing (every ``m = -inf``), as the torch reference.
     """
-    o = torch.cat([p[0] for p in partials], 2)
-    m = torch.cat([p[1] for p in partials], 2)
-    l = torch.cat([p[2] for p in partials], 2)
-    top = m.amax(-1, keepdim=True)
-    w = torch.exp2(m - torch.where(top == float("-inf"), 0.0, top))
-    total = (w * l).sum(-1)  # >= 1 once anything was seen (the max's own term is 1)
-    return (w[..., None] * o).sum(2) / total.clamp(min=1.0)[..., None]
+    parts = coded + ([exact] if exact is not None else [])
+    top = torch.cat([part[1] for part in parts], 2).amax(-1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    value, total = 0.0, 0.0
+    if coded:
+        w = torch.exp2(torch.cat([part[1] for part in coded], 2) - top)
+        x = (w[..., None] * torch.cat([part[0] for part in coded], 2)).sum(2)  # [B, Hq, D], Hadamard domain
+        seen = (w * torch.cat([part[2] for part in coded], 2)).sum(-1)
+        batch, q_heads, dim = x.shape
+        heads = value_mean.shape[1]
+        grouped = torch.matmul(x, hadamard).view(batch, heads, q_heads // heads, dim)
+        value = (grouped * value_scale[:, :, None] + value_mean[:, :, None] * seen.view(batch, heads, -1, 1))
+        value, total = value.view(batch, q_heads, dim), seen
+    if exact is not None:
+        w = torch.exp2(exact[1] - top)
+        value = value + (w[..., None] * exact[0]).sum(2)
+        total = total + (w * exact[2]).sum(-1)
+    return value / total.clamp(min=1.0)[..., None]  # total >= 1 once anything was seen (the max's own term is 1)
 
 
 @triton_op("nqcompile::e8_decode_attention", mutates_args=())
@@ -422,21 +454,20 @@ def e8_decode_attention(
         ``[B, Hq, 1, D]`` in the query's dtype (zero for a query that sees nothing).
     """
     dim = query.shape[-1]
-    hadamard_pm1 = (hadamard * math.sqrt(dim)).to(torch.float16)
-    codec = (hadamard_pm1, inv_freq.float().contiguous(), norm_mean, norm_scale, centroids, attention_scaling,
-             rotary_dim, layout)
-    parts = []
+    codec = ((hadamard * math.sqrt(dim)).to(torch.float16), inv_freq.float().contiguous(), norm_mean[0].contiguous(),
+             norm_scale[0].contiguous(), centroids, attention_scaling, rotary_dim, layout)
+    coded = []
     if k_codes.shape[2]:
-        parts.append(_segment(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, False, key_bits,
+        coded.append(_segment(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, False, key_bits,
                               value_bits, codec, scaling))
     if warm_k_codes is not None and warm_k_codes.shape[2]:
-        parts.append(_segment(query, warm_k_codes, warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask,
+        coded.append(_segment(query, warm_k_codes, warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask,
                               True, warm_bits, warm_bits, codec, scaling))
-    if exact_k.shape[2]:
-        parts.append(_exact_partials(query, exact_k, exact_v, exact_mask, scaling))
-    if not parts:
+    exact = _exact_partials(query, exact_k, exact_v, exact_mask, scaling) if exact_k.shape[2] else None
+    if not coded and exact is None:
         return query.new_zeros(query.shape)
-    return merge_partials(parts).unsqueeze(2).to(query.dtype)
+    out = merge_partials(coded, exact, hadamard, norm_mean[1], norm_scale[1])
+    return out.unsqueeze(2).to(query.dtype)
 
 
 def unsupported_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tensor, exact_mask: torch.Tensor, kind: str,
