@@ -217,6 +217,52 @@ def test_opcheck():
     torch.library.opcheck(K.e8_decode_attention, args, test_utils=utils)
 
 
+# The kernel compiled for an H100/H200 (sm_90) by Triton's own compiler and ptxas, in a fresh interpreter without
+# TRITON_INTERPRET: no GPU needed, so the CPU runs catch what only the GPU compiler checks (dot shapes, layouts,
+# shared memory). Prints one JSON line per configuration: its shared memory in bytes.
+_SM90_COMPILE = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nqcompile.kernels import decode_attention as K
+
+POINTERS = dict(q_ptr="*bf16", kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr="*u8", pos_ptr="*i64",
+                hpm_ptr="*fp16", freq_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", cent_ptr="*fp32",
+                o_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32")
+FLOATS = ("qk_scale", "key_unit", "value_gain", "attention_scaling")
+for group, dim, key_bits, value_bits, by_mask, interleaved in [(1, 64, 4, 2, False, False), (4, 128, 3, 2, True, True),
+                                                              (8, 96, 2, 4, False, False), (8, 256, 4, 2, True, False)]:
+    block, warps = K.launch_shape(dim)
+    constants = dict(G=group, D=dim, ROTARY=dim, INTERLEAVED=interleaved, KEY_BITS=key_bits, VALUE_BITS=value_bits,
+                     BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=K._pow2(group), BLOCK_D=K._pow2(dim),
+                     BLOCK_P=K._pow2(dim // 2), TWO_PI=K._TWO_PI)
+    fn = K._code_split_kernel
+    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "fp32" if name in FLOATS else "i32")
+                 for name in fn.arg_names}
+    signature["lim_ptr"] = "*i1" if by_mask else "*i64"
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps))
+    print(json.dumps(dict(dim=dim, group=group, shared=kernel.metadata.shared)))
+"""
+
+
+def test_the_kernel_compiles_for_sm90():
+    """Triton compiles the kernel to a cubin for sm_90 at head_dim 64 to 256, GQA groups 1 to 8, every bit width, both
+    validity modes and both RoPE layouts, within the 227 KiB of shared memory a block may use there."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(compiled) == 4 and all(c["shared"] <= 227 * 1024 for c in compiled), compiled
+
+
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 
@@ -226,6 +272,12 @@ def _dequant_args(a):
              "exact_mask", "hadamard", "inv_freq", "norm_mean", "norm_scale", "kind", "key_bits", "value_bits",
              "attention_scaling", "rotary_dim", "layout", "scaling")
     return [a[n] for n in names]
+
+
+def test_the_attention_ops_have_cuda_implementations():
+    """Importing nqcompile registers the CUDA implementations (ops.cuda) with the dispatcher."""
+    for name in ("nqcompile::dequant_attention", "nqcompile::cache_attention"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
 
 
 def test_cuda_implementations_run_the_kernel_on_decode_steps():
