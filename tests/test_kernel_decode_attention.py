@@ -383,3 +383,23 @@ def test_generation_on_gpu_runs_the_kernel_and_decodes_like_the_reference(preset
         if path == "kernel":
             assert len(calls) == 40 * model.config.num_hidden_layers
     torch.testing.assert_close(logits["kernel"], logits["reference"], atol=2e-3, rtol=1e-3)
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/decode_attention.py --smoke runs (the kernel, the reference and SDPA on tiny CPU shapes) and
+    writes its rows; the kernel agrees with the reference there."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_attention.py"
+    spec = importlib.util.spec_from_file_location("decode_attention_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "decode.json"
+    flags = ["--smoke", "--out", str(out)] + ([] if not ON_GPU else ["--device", "cuda"])
+    assert module.main(flags) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["bits"] for r in rows] == ["K4V2", "K3V2"]
+    assert all(r["kernel_ms"] > 0 and r["sdpa_ms"] > 0 and r["rel_err"] < 1e-5 for r in rows), rows
+    assert "| T | bits | kernel ms |" in capsys.readouterr().out
