@@ -291,7 +291,8 @@ def test_cuda_implementations_run_the_kernel_on_decode_steps():
 
     b = _case(seed=12, lengths=[40, 20])
     g = torch.Generator().manual_seed(13)
-    new = dict(new_k=torch.randn(2, 2, 16, 64, generator=g).to(DEVICE), new_v=torch.randn(2, 2, 16, 64, generator=g).to(DEVICE),
+    new = dict(new_k=torch.randn(2, 2, 16, 64, generator=g).to(DEVICE),
+               new_v=torch.randn(2, 2, 16, 64, generator=g).to(DEVICE),
                new_pos=(torch.arange(16) + 200).expand(2, 2, 16).contiguous().to(DEVICE),
                new_dest=torch.tensor([40, 20], device=DEVICE), new_count=torch.tensor([16, 9], device=DEVICE))
     b_ref = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
@@ -335,8 +336,9 @@ def test_other_calls_fall_back_to_the_reference(change, reason):
 def test_head_dims_without_a_pm1_hadamard_matrix_are_refused():
     """184 gets the DCT fallback rotation (not ±1 entries): the kernel is not used."""
     query = torch.zeros(1, 2, 1, 184)
-    why = ops_cuda.decode_kernel_reason(query, 2, torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 0, dtype=torch.bool),
-                                        "e8", (4, 2), 184, "half", torch.zeros(92))
+    why = ops_cuda.decode_kernel_reason(query, 2, torch.zeros(1, dtype=torch.long),
+                                        torch.zeros(1, 1, 0, dtype=torch.bool), "e8", (4, 2), 184, "half",
+                                        torch.zeros(92))
     assert why is not None and "Hadamard" in why
 
 

@@ -163,9 +163,9 @@ def _code_split_kernel(
     """One (sequence, KV head, split): online softmax of the group's queries over the split's code slots.
 
     Writes ``o[b, h*G + g, split]`` (``[D]``, the Hadamard-domain sum ``sum_t 2**(s_t - m) x_t``), ``m`` (the
-    running max of the base-2 scores, ``-inf`` if no slot was seen) and ``l`` (``sum_t 2**(s_t - m)``). Slots seen: those
-    of ``[split * split_tokens, (split + 1) * split_tokens)`` below ``min(lim[b], C)`` (``BY_MASK`` false:
-    ``lim`` holds the lengths) or below ``C`` whose ``lim[b, t]`` is true (``BY_MASK``: ``lim`` is a mask).
+    running max of the base-2 scores, ``-inf`` if no slot was seen) and ``l`` (``sum_t 2**(s_t - m)``). Slots
+    seen: those of ``[split * split_tokens, (split + 1) * split_tokens)`` below ``min(lim[b], C)`` (``BY_MASK``
+    false: ``lim`` holds the lengths) or below ``C`` whose ``lim[b, t]`` is true (``BY_MASK``: ``lim`` is a mask).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -323,7 +323,8 @@ def code_split_partials(
     heads, capacity = k_codes.shape[1], k_codes.shape[2]
     o, m, l = out
     if key_mean.stride() != key_scale.stride():
-        raise ValueError(f"key_mean and key_scale need the same strides, got {key_mean.stride()} and {key_scale.stride()}")
+        raise ValueError(f"key_mean and key_scale need the same strides, got {key_mean.stride()} and "
+                         f"{key_scale.stride()}")
     lim_b, lim_t = (limit.stride(0), limit.stride(2)) if by_mask else (limit.stride(0), 0)
     pos_h = positions.stride(1) if positions.shape[1] > 1 else 0
     block, warps = launch_shape(dim)
@@ -349,7 +350,7 @@ def code_split_partials(
 
 def _segment(query, k_codes, k_scales, v_codes, v_scales, positions, limit, by_mask, key_bits, value_bits, codec,
              scaling):
-    """Partials ``(o, m, l)`` of one code segment (:func:`code_split_partials`), splits chosen by :func:`split_tokens`."""
+    """Partials ``(o, m, l)`` of one code segment (:func:`code_split_partials`), splits by :func:`split_tokens`."""
     batch, q_heads, _, dim = query.shape
     capacity = k_codes.shape[2]
     split = split_tokens(capacity, batch * k_codes.shape[1], launch_shape(dim)[0], query.device)
