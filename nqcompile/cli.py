@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompt(path: Path) -> str:
+def _read_prompt(path: Path) -> str:
     """Return the text of a prompt file, or raise :class:`UsageError` with a one-line reason.
 
     Raises:
@@ -273,7 +273,7 @@ def _generate(args: argparse.Namespace) -> int:
     """
     if args.max_new_tokens < 1 or args.held_tokens < 0 or (args.threads is not None and args.threads < 1):
         raise UsageError("--max-new-tokens and --threads must be >= 1, --held-tokens >= 0")
-    text = read_prompt(args.prompt_file)
+    text = _read_prompt(args.prompt_file)
 
     started = time.perf_counter()
     import torch
@@ -323,7 +323,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     print(f"\n--- continuation ({len(new)} tokens, greedy, preset {args.preset}) ---")
     print(tokenizer.decode(new, skip_special_tokens=True))
-    print(f"--- (the uncompressed cache's continuation is the same for the first {agree} of {len(exact_new)} tokens)")
+    print(f"\n--- the uncompressed cache's continuation (the same for the first {agree} of {len(exact_new)} tokens) ---")
+    print(tokenizer.decode(exact_new, skip_special_tokens=True))
 
     report = cache.memory_report()
     print(f"\n--- KV cache after generation (preset {args.preset}) ---")
@@ -363,7 +364,8 @@ def _generate(args: argparse.Namespace) -> int:
         figures = {
             "model": name, "preset": preset.to_dict(), "dtype": dtype_name, "device": device,
             "threads": torch.get_num_threads(), "prompt_file": str(args.prompt_file), "prompt_tokens": n_prompt,
-            "continuation": tokenizer.decode(new, skip_special_tokens=True), "agreeing_tokens": agree,
+            "continuation": tokenizer.decode(new, skip_special_tokens=True),
+            "continuation_uncompressed": tokenizer.decode(exact_new, skip_special_tokens=True), "agreeing_tokens": agree,
             "memory": report.to_dict(), "speed": runs, "quality": quality, "total_s": total_s,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }

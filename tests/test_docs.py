@@ -4,8 +4,10 @@ Substitutions, and only these: ``load_pretrained()`` loads a tiny random-weight 
 (:func:`tiny_models.save_tiny_model_with_tokenizer`) instead of SmolLM2; ``nqcompile`` commands get that folder as
 ``--model`` (for ``/path/to/hf/folder`` or appended); the examples get it as ``--model``. Commands that install
 packages or run the test suite are what CI itself runs (``.ci/run``); the 48-minute quality benchmark is only parsed.
+A slow test runs the Run it command as written, on SmolLM2.
 """
 
+import json
 import os
 import re
 import shlex
@@ -96,3 +98,19 @@ def test_example_runs(tiny_folder, script, needle):
                             capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert needle in result.stdout
+
+
+@pytest.mark.slow
+def test_readme_run_command_as_written(tmp_path):
+    """The Run it block's nqcompile command as written, on SmolLM2 (about a minute on a 2-core CPU), with --json."""
+    command = next(c for c in _commands() if shlex.split(c)[0].endswith("nqcompile"))
+    assert shlex.split(command)[1:] == ["generate"]
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, "-m", "nqcompile", "generate", "--json", str(figures)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(figures.read_text())
+    assert data["prompt_tokens"] == 1566 and data["quality"]["held_tokens"] == 256
+    assert data["memory"]["compression_ratio"] > 5 and abs(data["quality"]["change_percent"]) < 50
+    assert all(data["speed"][run]["tokens_per_s"] > 0 for run in ("compressed", "uncompressed"))
+    assert data["speed"]["compressed"]["reread"] and "--- the uncompressed cache's continuation" in result.stdout
