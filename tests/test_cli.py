@@ -126,12 +126,16 @@ def test_help_imports_no_torch_and_is_plain_text(argv):
     assert "``" not in out and "usage: nqcompile" in out
 
 
-def test_parser_choices_match_the_library():
+def test_preset_choices_match_the_library():
     import nqcompile
     from nqcompile import cli
 
     assert list(cli.PRESET_NAMES) == sorted(nqcompile.PRESETS)
-    assert list(cli.COMPILE_MODES) == sorted(torch._inductor.list_mode_options())
+
+
+def test_diff_refuses_an_unknown_compile_mode():
+    line = _one_line_error(_cli("diff", "--mode", "fastest"))
+    assert line.startswith("nqcompile: diff: --mode fastest is not a torch.compile mode; pass one of default, ")
 
 
 def test_quality_benchmark_help_prints_each_default_once():
