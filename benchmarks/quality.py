@@ -61,24 +61,29 @@ def _custom(text: str) -> dict:
     return data
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the benchmark's command line (see ``--help``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's argument parser (see ``--help``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", default=None, help="local model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
     p.add_argument("--presets", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated preset names (default: all); '' runs the baseline only")
     p.add_argument("--custom", type=_custom, default={},
-                   help='more caches as JSON, {"name": {Preset fields}}: run after --presets (ablations)')
-    p.add_argument("--windows", type=int, default=8, help="perplexity windows (0: skip perplexity)")
-    p.add_argument("--prefix", type=int, default=3584, help="prefill tokens per window")
-    p.add_argument("--continuation", type=int, default=512, help="continuation tokens per window")
-    p.add_argument("--needle-lengths", type=_ints, default=[2048, 4096], help="comma-separated context lengths ('' : skip)")
-    p.add_argument("--needle-depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="comma-separated depths in [0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window draw, the needles and the bootstrap")
-    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+                   help='more caches as JSON, {"name": {Preset fields}}: run after --presets (ablations; default: none)')
+    p.add_argument("--windows", type=int, default=8, help="perplexity windows (0: skip perplexity; default: 8)")
+    p.add_argument("--prefix", type=int, default=3584, help="prefill tokens per window (default: 3584)")
+    p.add_argument("--continuation", type=int, default=512, help="continuation tokens per window (default: 512)")
+    p.add_argument("--needle-lengths", type=_ints, default=[2048, 4096], help="comma-separated context lengths ('': skip; default: 2048,4096)")
+    p.add_argument("--needle-depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="comma-separated depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draw, the needles and the bootstrap (default: 0)")
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here (default: only print the table)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the benchmark's command line (see ``--help``)."""
+    return build_parser().parse_args(argv)
 
 
 def _cache_factory(model, preset: nqcompile.Preset | None):

@@ -44,6 +44,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         ValueError: unsupported model (encoder-decoder, no rotary attention, unsupported rope type or
             head_dim), unknown preset or field value; from ``generate``: ``inputs_embeds`` with an evicting
             scorer that ``needs_model`` (it re-reads the token ids), or no ``max_new_tokens``.
+        TypeError: from ``generate``: token ids that are not a tensor (a ``BatchEncoding``: pass its ``input_ids``).
     """
     chosen = get_preset(preset, **overrides)
     NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
@@ -58,6 +59,10 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     def generate(self, *args: Any, **kwargs: Any):
         bound = inspect.signature(original).bind_partial(self, *args, **kwargs)
         inputs = bound.arguments.get("inputs", kwargs.get("input_ids"))
+        if inputs is not None and not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"generate takes the token ids as a tensor, got {type(inputs).__name__}; for the output of "
+                            "tokenizer(...) or apply_chat_template(..., return_dict=True) pass encoding['input_ids'] "
+                            "(and attention_mask=encoding['attention_mask']), or **encoding")
         if "past_key_values" in kwargs and cache_arg != "past_key_values":
             kwargs[cache_arg] = kwargs.pop("past_key_values")
         cache = kwargs.get(cache_arg)

@@ -10,7 +10,7 @@ from torch._logging._internal import trace_log
 import nqcompile
 from nqcompile.compile import CompileReport, GraphDiff, LeftAlone, Rewrite, Site, graph_diff
 from nqcompile.compile.diff import ARTIFACT_NAME, site_outcomes
-from tiny_models import tiny_model
+from tiny_models import save_tiny_model_with_tokenizer, tiny_model
 
 # Small enough for the tiny models' 40-token prompts to evict and flush (see test_compile_decode.py).
 SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
@@ -119,23 +119,10 @@ def test_site_outcomes_read_rewrites_fusions_and_reasons_and_render(tmp_path):
     assert json.loads(json.dumps(diff.to_dict())) == diff.to_dict()
 
 
-def _save_tiny_model_with_tokenizer(folder):
-    """Save the tiny Llama with a byte-level tokenizer of its 256-token vocabulary (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_model("llama").save_pretrained(folder)
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
-
-
 def test_cli_diff_prints_every_graph_and_writes_html(tmp_path, capsys):
     from nqcompile.cli import main
 
-    _save_tiny_model_with_tokenizer(tmp_path / "tiny")
+    save_tiny_model_with_tokenizer(tmp_path / "tiny")
     html = tmp_path / "out.html"
     argv = ["diff", "--model", str(tmp_path / "tiny"), "--preset", "balanced", "--steps", "2", "--prompt-tokens", "40",
             "--html", str(html)]

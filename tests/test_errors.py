@@ -100,3 +100,11 @@ def test_nexusquant_attention_without_optimize_refuses_instead_of_leaving_the_ca
     cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=64)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"nqcompile.optimize\(model, preset\)"):
         model(torch.ones(1, 8, dtype=torch.long), past_key_values=cache)
+
+
+def test_generate_refuses_a_batch_encoding_with_what_to_pass():
+    """apply_chat_template(..., return_tensors="pt") returns a BatchEncoding in transformers 5.2x."""
+    model = nqcompile.optimize(tiny_model("llama"), "quant_only")
+    encoding = transformers.BatchEncoding({"input_ids": torch.ones(1, 8, dtype=torch.long)})
+    with pytest.raises(TypeError, match=r"got BatchEncoding; .* pass encoding\['input_ids'\]"):
+        model.generate(encoding, max_new_tokens=2)

@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from nqcompile.eval import (
     bootstrap_ci,
     build_needle_case,
+    continuation_nll,
     needle_recall,
     perplexity,
     perplexity_windows,
@@ -22,6 +23,7 @@ from nqcompile.eval import (
 )
 from nqcompile.eval.needle import NEEDLE, QUESTION, _found
 from nqcompile.models import load_pretrained
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +90,9 @@ def test_perplexity_arithmetic():
 
 
 def test_vendored_texts_are_there():
-    for name in ("prompt.txt", "persuasion.txt", "northanger_abbey.txt"):
-        assert len(read_data_text(name)) > 10_000
+    for name in ("persuasion.txt", "northanger_abbey.txt"):
+        assert len(read_data_text(name)) > 400_000
+    assert len(read_data_text("prompt.txt")) > 6_000  # the demo prompt: 1,822 SmolLM2 tokens
     with pytest.raises(FileNotFoundError):
         read_data_text("nope.txt")
 
@@ -131,6 +134,31 @@ def test_window_nll_token_by_token_matches_one_forward_pass(smollm2):
         logits = model(w.input_ids).logits[0, w.prefix - 1 : -1]
     ref = torch.nn.functional.cross_entropy(logits, w.input_ids[0, w.prefix :], reduction="sum").item()
     assert nll == pytest.approx(ref, rel=1e-4)
+
+
+def test_continuation_nll_through_a_prefilled_cache_matches_window_nll():
+    """The context but its last token prefilled, then that token and the continuation as decode steps: the same
+    NLL as window_nll's prefill of the whole context with an exact cache; a NexusCache replays the same steps."""
+    import nqcompile
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(0))
+    want, n = window_nll(model, ids, 100, DynamicCache())
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(ids[:, :99], past_key_values=cache)
+    got, m = continuation_nll(model, ids[:, 99:], cache)
+    assert m == n == 20 and got == pytest.approx(want, rel=1e-5)
+    assert cache.get_seq_length() == 119  # the cache now holds the continuation too
+
+    nqcompile.optimize(model, "quant_only")
+    cache = nqcompile.NexusCache(model.config, "quant_only", max_cache_len=120)
+    with torch.inference_mode():
+        model(ids[:, :99], past_key_values=cache)
+    compressed, _ = continuation_nll(model, ids[:, 99:], cache)
+    assert compressed != got and abs(compressed - got) / got < 0.05
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        continuation_nll(model, ids[:, :1], DynamicCache())
 
 
 def test_window_nll_rejects_bad_prefix(smollm2):
@@ -243,5 +271,6 @@ def test_cli_generate_runs_end_to_end(tmp_path, capsys):
     # no subcommand: generate is the default
     assert main(["--prompt-file", str(prompt), "--max-new-tokens", "3", "--held-tokens", "4", "--preset", "balanced"]) == 0
     out = capsys.readouterr().out
-    for needle in ("--- continuation (3 tokens", "--- KV cache", "ratio", "decode: 2 tokens", "4 held-out tokens", "compressed cache (preset balanced)"):
+    for needle in ("--- continuation (3 tokens", "--- KV cache", "ratio", "generate 3 tokens in", "4 held-out tokens",
+                   "compressed (balanced)"):
         assert needle in out, out

@@ -72,3 +72,24 @@ def prefill_and_decode(model, ids: torch.Tensor, cache, steps: int, *,
         out = model(token, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
+
+
+#: A minimal chat template for the tiny tokenizer (examples and needle cases apply one).
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tiny_model_with_tokenizer(folder, kind: str = "llama") -> str:
+    """Save :func:`tiny_model` with a byte-level tokenizer of its 256-token vocabulary (no download) and
+    :data:`TINY_CHAT_TEMPLATE` in ``folder``, a HuggingFace model folder that ``load_pretrained(folder)`` and
+    ``nqcompile generate --model folder`` load; returns the folder as a string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(kind).save_pretrained(folder)
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(folder)
+    return str(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,10 @@ class CacheMemoryReport:
 
     Attributes:
         logical_tokens: tokens seen per sequence (padding included), first layer.
-        physical_tokens: tokens held per sequence summed over the batch (sinks + codes + warm tier + window),
-            first compressed layer.
+        physical_tokens: tokens held, summed over every layer and every sequence of the batch (in a compressed
+            layer: sinks + codes + warm tier + window, and a chunk waiting for its re-reading; in a layer left to
+            transformers: the keys it holds). Evicting presets keep a different number of tokens in each layer;
+            ``physical_tokens / (layers * batch * logical_tokens)`` is the fraction kept.
         allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
             positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
         unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
@@ -40,11 +43,16 @@ class CacheMemoryReport:
     def compression_ratio(self) -> float:
         return self.bf16_bytes / self.allocated_bytes if self.allocated_bytes else float("nan")
 
+    def to_dict(self) -> dict:
+        """The fields and ``compression_ratio`` as a JSON-ready dict."""
+        return {**dataclasses.asdict(self), "layer_key_bits": list(self.layer_key_bits),
+                "compression_ratio": self.compression_ratio}
+
     def __str__(self) -> str:
         mib = 2.0**20
         lines = [
             f"logical tokens (per sequence)     {self.logical_tokens:>12,}",
-            f"physical tokens (all sequences)   {self.physical_tokens:>12,}",
+            f"tokens held (all layers, seqs)    {self.physical_tokens:>12,}",
             f"bf16 cache of the same tokens     {self.bf16_bytes / mib:>12.3f} MiB",
             f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
             f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
@@ -62,7 +70,8 @@ def memory_report(layers) -> CacheMemoryReport:
     tensor storage they hold, the unused capacity, and what a bf16 ``DynamicCache`` would hold for the same tokens."""
     seen: set[int] = set()
     allocated = unused = bf16 = 0
-    logical = physical = None
+    logical = None
+    physical = 0
     key_bits = []
     for layer in layers:
         tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
@@ -78,8 +87,9 @@ def memory_report(layers) -> CacheMemoryReport:
             bf16 += 4 * st.batch * st.heads * st.head_dim * layer.seen_tokens()
             logical = layer.seen_tokens() if logical is None else logical
             key_bits += [layer.key_bits] if layer.kind != "exact" else []
-            physical = layer.physical_tokens() if physical is None else physical
+            physical += layer.physical_tokens()
         elif getattr(layer, "keys", None) is not None and layer.keys.numel():
             b, h, _, d = layer.keys.shape
             bf16 += 4 * b * h * d * layer.get_seq_length()
-    return CacheMemoryReport(logical or 0, physical or 0, allocated, unused, bf16, tuple(key_bits))
+            physical += b * layer.keys.shape[2]
+    return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits))

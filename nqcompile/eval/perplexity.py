@@ -35,6 +35,7 @@ __all__ = [
     "Window",
     "perplexity_windows",
     "window_nll",
+    "continuation_nll",
     "WindowResult",
     "run_windows",
     "perplexity",
@@ -190,6 +191,38 @@ def window_nll(
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=total - prefix - 1)
     return float(nll), ids.shape[0] * (total - prefix)
+
+
+@torch.inference_mode()
+def continuation_nll(model, input_ids: torch.Tensor, cache) -> tuple[float, int]:
+    """Negative log-likelihood of a continuation through a cache that already holds its context.
+
+    ``cache`` holds a prefilled context except its last token, ``input_ids[:, 0]``. The tokens
+    ``input_ids[:, :-1]`` are fed as decode steps (a :class:`~nqcompile.NexusCache` replays them in one forward,
+    :meth:`~nqcompile.NexusCache.replay_as_decode`) and ``input_ids[:, 1:]`` are scored: how ``nqcompile generate``
+    checks a held-out continuation against the cache its prefill left, without a second prefill. The cache is
+    changed (it then holds the continuation too); pass a copy to keep it.
+
+    Args:
+        model: a HuggingFace causal LM (in eval mode).
+        input_ids: ``(B, 1 + C)`` int64 token ids: the context's last token, then the ``C`` tokens to score.
+        cache: a ``transformers.Cache`` holding the context before ``input_ids[:, 0]``.
+
+    Returns:
+        ``(nll_sum, n_tokens)``: summed NLL in nats and the number of scored tokens ``B * C``.
+
+    Raises:
+        ValueError: ``input_ids`` is not 2-D or has fewer than 2 tokens.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be (batch, 1 + tokens to score) with at least 2 tokens, got shape "
+                         f"{tuple(input_ids.shape)}")
+    ids = input_ids.to(model.device)
+    replay = cache.replay_as_decode() if hasattr(cache, "replay_as_decode") else contextlib.nullcontext()
+    with replay:
+        logits = model(ids[:, :-1], **{cache_kwarg_name(model): cache, "use_cache": True}).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    return float(nll), ids.shape[0] * (ids.shape[1] - 1)
 
 
 @dataclass

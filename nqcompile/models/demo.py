@@ -17,11 +17,13 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,6 +32,7 @@ __all__ = [
     "smollm2_gguf_path",
     "converted_smollm2_dir",
     "convert_smollm2",
+    "model_path",
     "load_pretrained",
 ]
 
@@ -127,46 +130,81 @@ def convert_smollm2(dest: str | os.PathLike | None = None, *, force: bool = Fals
     _require_demo_packages()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(
-        f"nqcompile: converting SmolLM2-135M-Instruct from GGUF once to {dest} (about 30 s; later runs "
-        "load that folder directly)",
-        flush=True,
-    )
+    print(f"nqcompile: converting SmolLM2-135M-Instruct from GGUF once to {dest} (about 30 s; later runs load "
+          "that folder directly)", file=sys.stderr, flush=True)
     start = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    # lm_head is tied to the embedding in SmolLM2; anything else missing is a real error.
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and k != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF state dict does not match the config: missing {missing}, unexpected {unexpected}")
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
+    with tqdm(total=5, desc="converting SmolLM2 (once)", unit="step", file=sys.stderr) as steps:
+        steps.set_postfix_str("reading the GGUF weights")
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        steps.update()
+        steps.set_postfix_str("reading the GGUF tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        steps.update()
+        steps.set_postfix_str("reading the GGUF config")
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        steps.update()
+        steps.set_postfix_str("building the float32 model")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        # lm_head is tied to the embedding in SmolLM2; anything else missing is a real error.
+        missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {}) and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF state dict does not match the config: missing {missing}, unexpected {unexpected}")
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
+        steps.update()
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(
-            json.dumps({"source": str(gguf_path), "version": _CONVERSION_VERSION, "dtype": "float32"}, indent=1)
-        )
-        if dest.exists():
-            if not force and (dest / _MARKER).is_file():  # another process finished first
-                shutil.rmtree(tmp)
-                return dest
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"nqcompile: converted in {time.perf_counter() - start:.0f} s", flush=True)
+        steps.set_postfix_str("saving")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _MARKER).write_text(
+                json.dumps({"source": str(gguf_path), "version": _CONVERSION_VERSION, "dtype": "float32"}, indent=1)
+            )
+            if dest.exists():
+                if not force and (dest / _MARKER).is_file():  # another process finished first
+                    shutil.rmtree(tmp)
+                    return dest
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        steps.update()
+    print(f"nqcompile: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return dest
+
+
+def model_path(name_or_path: str | os.PathLike | None = None) -> str:
+    """Return what ``from_pretrained`` should load for ``name_or_path``, converting the demo model first if needed.
+
+    Args:
+        name_or_path: ``None`` or ``"smollm2"`` for the default demo model (converted once, see
+            :func:`convert_smollm2`; a progress bar on stderr while it runs); a local HuggingFace model folder;
+            anything else (a hub id) is returned unchanged.
+
+    Returns:
+        A local folder path or a hub id, as a string.
+
+    Raises:
+        ModuleNotFoundError / ImportError: a package the demo model needs is missing (the message names
+            the pip command to run).
+        FileNotFoundError: ``name_or_path`` looks like a local path but is not a folder.
+    """
+    key = None if name_or_path is None else str(name_or_path)
+    if key is None or key.lower() in _ALIASES:
+        return str(convert_smollm2())
+    if os.sep in key or key.startswith((".", "~")) or Path(key).exists():
+        local = Path(key).expanduser()
+        if not local.is_dir():
+            raise FileNotFoundError(f"model folder {local} does not exist")
+        return str(local)
+    return key
 
 
 def load_pretrained(
@@ -199,17 +237,7 @@ def load_pretrained(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = None if name_or_path is None else str(name_or_path)
-    if key is None or key.lower() in _ALIASES:
-        path = str(convert_smollm2())
-    else:
-        path = key
-        looks_local = os.sep in key or key.startswith((".", "~")) or Path(key).exists()
-        if looks_local:
-            local = Path(key).expanduser()
-            if not local.is_dir():
-                raise FileNotFoundError(f"model folder {local} does not exist")
-            path = str(local)
+    path = model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device)
     model.eval()
