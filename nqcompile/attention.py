@@ -69,6 +69,7 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         RuntimeError: the model was not prepared by :func:`nqcompile.optimize` (no ``nqcompile_cache`` argument:
             a NexusCache would then be left unread, silently).
         NotImplementedError: ``output_attentions=True`` or dropout on a compressed layer.
+        RuntimeError: gradients enabled on a compressed layer (inference only: use ``torch.no_grad()``).
     """
     if CACHE_KWARG not in kwargs:
         raise RuntimeError("the nexusquant attention runs in models prepared by nqcompile.optimize(model, preset), "
@@ -83,6 +84,9 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise NotImplementedError("nexusquant attention is inference-only; call model.eval()")
     if kwargs.get("output_attentions"):
         raise NotImplementedError("nexusquant attention does not return attention weights")
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        raise RuntimeError("nexusquant attention is inference-only (the compressed cache is not differentiable): run "
+                           "the model under torch.no_grad() or torch.inference_mode(), as generate does")
     batch, _, q_len, head_dim = query.shape
     if not (torch.compiler.is_compiling() or layer.rereading):
         layer.check_room(q_len)  # before reading the mask at the new tokens' columns

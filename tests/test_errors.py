@@ -108,3 +108,16 @@ def test_generate_refuses_a_batch_encoding_with_what_to_pass():
     encoding = transformers.BatchEncoding({"input_ids": torch.ones(1, 8, dtype=torch.long)})
     with pytest.raises(TypeError, match=r"got BatchEncoding; .* pass encoding\['input_ids'\]"):
         model.generate(encoding, max_new_tokens=2)
+
+
+def test_a_forward_with_gradients_enabled_names_no_grad():
+    """The compressed cache is inference-only: with autograd on, the error says to use torch.no_grad() (it used to
+    fail deep in the E8 encoder with an out= error)."""
+    model = nqcompile.optimize(tiny_model("llama"), "quant_only")
+    ids = torch.randint(1, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=400)
+    with pytest.raises(RuntimeError, match=r"torch\.no_grad\(\)"):
+        model(ids, past_key_values=cache)
+    with torch.no_grad():
+        assert model(ids, past_key_values=nqcompile.NexusCache(model.config, model.nqcompile_preset,
+                                                               max_cache_len=400)).logits.shape == (1, 300, 256)
