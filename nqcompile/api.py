@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from .attention import CACHE_KWARG, register_attention
 from .cache import NexusCache
+from .models.features import plan_layers
 from .policy.registry import SCORERS
 from .presets import Preset, get_preset
 
@@ -41,12 +42,18 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         the same model object, ready for ``generate``.
 
     Raises:
-        ValueError: unsupported model (encoder-decoder, no rotary attention, unsupported rope type or
-            head_dim), unknown preset or field value; from ``generate``: ``inputs_embeds`` with an evicting
-            scorer that ``needs_model`` (it re-reads the token ids), or no ``max_new_tokens``.
+        ValueError: an attention feature the cache cannot honour, named in the message
+            (:func:`~nqcompile.models.features.plan_layers`; ``docs/models.md``), learned attention-sink logits on an
+            attention module (``sinks``), unknown preset or field value; from ``generate``: ``inputs_embeds`` with an
+            evicting scorer that ``needs_model`` (it re-reads the token ids), or no ``max_new_tokens``.
     """
     chosen = get_preset(preset, **overrides)
-    NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
+    plan_layers(model.config, chosen, max_cache_len=None, check_windows=False)  # validates; allocates nothing
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            raise ValueError(f"{name} holds learned attention-sink logits (sinks, as gpt-oss's attention does): each "
+                             "softmax has an extra logit per head, which the nexusquant attention does not add. "
+                             "nqcompile does not support attention sinks")
     model.set_attn_implementation(register_attention())
     # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` is its deprecated alias).
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
