@@ -15,6 +15,8 @@ The mask function registered under the same name with ``AttentionMaskInterface``
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -68,11 +70,20 @@ def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict
                                   "transformers with compress_layers='global_only')")
 
 
+#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen)``. Every layer of a forward gets
+#: the same mask, which is checked once; entries of masks freed since are dropped at the next insertion.
+_CAUSAL_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def _check_causal(attention_mask: torch.Tensor | None, real: torch.Tensor, seen: int, q_len: int) -> None:
     """Raise unless the 4D mask lets each real new token see exactly the real new tokens up to itself (what a
     compressed layer does): a narrower window, a chunk boundary, a bidirectional block or any other pattern among
-    the new tokens would otherwise be ignored. ``real``: ``[B, q]``; ``seen``: tokens held before them."""
+    the new tokens would otherwise be ignored. ``real``: ``[B, q]``; ``seen``: tokens held before them. Reads
+    ``q_len ** 2`` mask entries, once per mask and ``seen``."""
     if attention_mask is None or q_len == 1:
+        return
+    checked = _CAUSAL_CHECKED.get(id(attention_mask))
+    if checked is not None and checked[0]() is attention_mask and checked[1] == seen:
         return
     block = attention_mask[:, 0, -q_len:, seen:seen + q_len]  # [B or 1, q, q]
     visible = block if block.dtype == torch.bool else block == 0
@@ -84,6 +95,9 @@ def _check_causal(attention_mask: torch.Tensor | None, real: torch.Tensor, seen:
             "custom 4D mask), and a compressed layer attends causally to every token it holds. For a model with "
             "sliding-window or chunked layers pass compress_layers='global_only'; otherwise run this input without "
             "nqcompile")
+    for key in [key for key, (ref, _) in _CAUSAL_CHECKED.items() if ref() is None]:
+        del _CAUSAL_CHECKED[key]
+    _CAUSAL_CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), seen)
 
 
 def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
