@@ -226,7 +226,9 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
     Raises:
         ValueError: the preset evicts with a scorer that ``needs_queries`` or ``needs_model`` (``observation``,
             ``reconstruction``) or sets ``relax_key_kl`` (they need the prefill's queries or the model; the
-            message names the scorers that work here), or the cache holds layers of another kind.
+            message names the scorers that work here), the cache holds layers of another kind, or the config has an
+            attention feature :class:`~nqcompile.NexusCache` refuses (``docs/models.md``; e.g. a ``sliding_window``
+            shorter than ``max_cache_len``, or no ``max_cache_len``, with ``compress_layers="all"``).
     """
     chosen = get_preset(preset, **overrides)
     scorer = SCORERS[chosen.scorer]

@@ -293,6 +293,6 @@ def test_refused_at_the_attention_call(row):
 
 def test_the_audit_table_lists_every_tested_feature():
     """docs/models.md's table has one row per feature tested here (first column, bold), and no untested row."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs/models.md").read_text()
     rows = set(re.findall(r"^\| \*\*(.+?)\*\* \|", text, flags=re.M))
     assert rows == set(HONOURED) | set(REFUSED) | set(AT_RUN_TIME)
