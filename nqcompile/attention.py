@@ -49,8 +49,10 @@ def _new_token_flags(attention_mask: torch.Tensor | None, seen: torch.Tensor | i
     return flags.expand(batch, q_len)
 
 
-def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict) -> None:
-    """Raise for what a model asks of the attention function that a compressed layer would silently not do."""
+def _refuse_unapplied_arguments(kwargs: dict) -> None:
+    """Raise for an attention argument that neither the compressed attention nor transformers' SDPA function (used
+    for every other cache layer) applies. transformers would not have run such a model with SDPA; a registered
+    attention function is never checked that way, so the check is here."""
     for name, what in (("softcap", "logit soft-capping (attn_logit_softcapping)"),
                        ("s_aux", "learned attention-sink logits (the attention module's sinks)"),
                        ("sinks", "learned attention-sink logits (the attention module's sinks)"),
@@ -59,6 +61,10 @@ def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict
             raise NotImplementedError(f"this model's attention asks for {what} ({name}=...), which the nexusquant "
                                       "attention does not apply; nqcompile cannot compress this model's cache "
                                       "(docs/models.md lists what it honours)")
+
+
+def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict) -> None:
+    """Raise for what a model asks of the attention function that a compressed layer would silently not do."""
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
         raise NotImplementedError("this attention module is not causal (is_causal=False), and a compressed layer "
                                   "attends causally; nqcompile cannot compress this model's cache")
@@ -122,10 +128,11 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         RuntimeError: no ``nqcompile_cache`` argument (a NexusCache would then be left unread, silently): the model
             was not prepared by :func:`nqcompile.optimize`, or its decoder layers do not pass keyword arguments on to
             their attention.
-        NotImplementedError: on a compressed layer, anything it would otherwise ignore: ``output_attentions=True``,
-            dropout, logit soft-capping (``softcap``), learned sink logits (``s_aux`` / ``sinks``), a position bias,
-            a non-causal module, a ``sliding_window`` shorter than the layer's ``max_cache_len``, or a mask that is
-            not causal over the new tokens (checked on multi-token inputs outside ``torch.compile``).
+        NotImplementedError: logit soft-capping (``softcap``), learned sink logits (``s_aux`` / ``sinks``) or a
+            position bias, on any layer; on a compressed layer, anything else it would ignore:
+            ``output_attentions=True``, dropout, a non-causal module, a ``sliding_window`` shorter than the layer's
+            ``max_cache_len``, or a mask that is not causal over the new tokens (checked on multi-token inputs outside
+            ``torch.compile``).
     """
     if CACHE_KWARG not in kwargs:
         raise RuntimeError("the nexusquant attention did not receive the model's cache: it runs in models prepared "
@@ -134,6 +141,7 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                            "not its inner base model). If you did, this model's decoder layers do not pass keyword "
                            "arguments on to their attention (StableLM does not), and nqcompile cannot serve it")
     cache = kwargs.pop(CACHE_KWARG)
+    _refuse_unapplied_arguments(kwargs)
     layer = cache.layers[module.layer_idx] if isinstance(cache, NexusCache) else None
     if not isinstance(layer, NexusLayer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

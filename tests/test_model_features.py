@@ -244,6 +244,15 @@ def _attend_with(**kwargs):
     nexus_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, **{CACHE_KWARG: cache}, **kwargs)
 
 
+def _sinks_on_a_dynamic_cache():
+    """gpt-oss-like sink logits reach the attention while the model runs with a plain DynamicCache: transformers'
+    SDPA function, which the nexusquant attention uses for such layers, would drop them."""
+    model = nqcompile.optimize(_model(transformers.LlamaConfig(**SMALL)), "balanced", **EXACT)
+    q, kv = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32)
+    nexus_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, s_aux=torch.zeros(4),
+                            **{CACHE_KWARG: None})
+
+
 def _non_causal_mask():
     """A prefill whose 4D mask lets every token see every other (a bidirectional block, as image tokens get)."""
     model = nqcompile.optimize(_model(transformers.LlamaConfig(**SMALL)), "balanced", **EXACT)
@@ -272,21 +281,22 @@ def _layers_that_drop_keyword_arguments():
               past_key_values=nqcompile.NexusCache(model.config, "balanced", max_cache_len=PREFILL, **EXACT))
 
 
-#: Refusals that only the attention call can make (the feature is not a config field), each before any output.
+#: Refusals that only the attention call can make (the feature is not a config field), each before any output:
+#: row -> [(what runs, the message's pattern)].
 AT_RUN_TIME = {
-    "Attention sinks": (lambda: _attend_with(s_aux=torch.zeros(4)), r"sinks"),
-    "Logit soft-capping": (lambda: _attend_with(softcap=50.0), r"attn_logit_softcapping"),
-    "Sliding window in every layer": (_window_unknown_to_the_cache, r"sliding_window=16"),
-    "Mask that is not causal": (_non_causal_mask, r"mask of this forward"),
-    "Decoder layers that drop keyword arguments": (_layers_that_drop_keyword_arguments,
-                                                   r"do not pass keyword arguments"),
-    "Attention dropout": (lambda: _attend_with(dropout=0.1), r"inference-only"),
+    "Attention sinks": [(lambda: _attend_with(s_aux=torch.zeros(4)), r"sinks"), (_sinks_on_a_dynamic_cache, r"sinks")],
+    "Logit soft-capping": [(lambda: _attend_with(softcap=50.0), r"attn_logit_softcapping")],
+    "Sliding window in every layer": [(_window_unknown_to_the_cache, r"sliding_window=16")],
+    "Mask that is not causal": [(_non_causal_mask, r"mask of this forward")],
+    "Decoder layers that drop keyword arguments": [(_layers_that_drop_keyword_arguments,
+                                                    r"do not pass keyword arguments")],
+    "Attention dropout": [(lambda: _attend_with(dropout=0.1), r"inference-only")],
 }
 
 
-@pytest.mark.parametrize("row", list(AT_RUN_TIME))
-def test_refused_at_the_attention_call(row):
-    run, match = AT_RUN_TIME[row]
+@pytest.mark.parametrize("row,run,match", [(row, *case) for row, cases in AT_RUN_TIME.items() for case in cases],
+                         ids=[f"{row}-{i}" for row, cases in AT_RUN_TIME.items() for i in range(len(cases))])
+def test_refused_at_the_attention_call(row, run, match):
     with pytest.raises((NotImplementedError, RuntimeError), match=match):
         run()
 
