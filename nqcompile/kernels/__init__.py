@@ -1,0 +1,12 @@
+"""Triton kernels behind the ops of :mod:`nqcompile.ops`, one module per kernel.
+
+Each kernel is a ``torch.library.triton_op`` (its Triton launches wrapped in ``torch.library.wrap_triton``, so
+Inductor sees them when the op appears in a compiled graph); the torch reference of every op stays the
+implementation on CPU and for any shape a kernel does not cover (:mod:`nqcompile.ops.cuda` dispatches).
+
+Modules (importing one imports Triton, an optional dependency: ``pip install nqcompile[triton]``):
+    :mod:`.decode_attention`  ``nqcompile::e8_decode_attention``: split-K decode attention over E8 codes.
+
+On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before the
+kernel module is imported) on CPU tensors; that is how the tests check them there.
+"""

@@ -1,0 +1,105 @@
+"""CUDA implementations of ``nqcompile::dequant_attention`` and ``nqcompile::cache_attention``: the Triton decode
+kernel where it applies, the torch reference everywhere else.
+
+A call runs :func:`nqcompile.kernels.decode_attention.e8_decode_attention` when :func:`decode_kernel_reason` finds
+nothing against it: one query per sequence (a decode step), E8 codes at bit widths the codec offers, a head
+dimension with a ``±1`` Hadamard matrix up to the kernel's maximum, a float16/bfloat16/float32 query, and Triton
+installed. Every other call (prefill chunks, per-query code lengths, scalar codecs, exact storage, float64
+queries...) runs the same torch reference as the CPU. The choice reads shapes, dtypes and static arguments only, so
+it never synchronizes with the device and never changes between two calls of the same shapes.
+
+The CPU implementations are the ops' own (the torch reference); these are registered for ``"cuda"`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional
+
+import torch
+
+from .fused import cache_attention, cache_attention_reference
+from .reference import _attention, dequant_attention, write_kv
+
+__all__ = ["decode_kernel_reason", "dequant_attention_cuda", "cache_attention_cuda"]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """The decode-attention kernel module (imported on first use: it imports Triton), or None without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from ..kernels import decode_attention
+
+    return decode_attention
+
+
+def decode_kernel_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tensor, exact_mask: torch.Tensor,
+                         kind: str, bits: tuple[int, ...], rotary_dim: int, layout: str, inv_freq: torch.Tensor,
+                         warm_mask: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why an attention call runs the torch reference rather than the Triton decode kernel, or None if it runs the
+    kernel.
+
+    Args:
+        query: ``[B, Hq, q, D]``. kv_heads: ``H``. code_len: ``[B]`` or ``[B, q]``. exact_mask: ``[B, q, E]``.
+        kind: the codec name. bits: every bit width the call reads (keys, values and, with a warm tier, warm).
+        rotary_dim, layout, inv_freq: the codec's RoPE. warm_mask: ``[B, q, W]``, or None without a warm tier.
+
+    Returns:
+        None, or a sentence naming what the kernel does not cover
+        (:func:`~nqcompile.kernels.decode_attention.unsupported_reason`, or Triton missing).
+    """
+    kernel = _kernel()
+    if kernel is None:
+        return "Triton is not installed"
+    return kernel.unsupported_reason(query, kv_heads, code_len, exact_mask, kind, bits, rotary_dim, layout, inv_freq,
+                                     warm_mask)
+
+
+def dequant_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
+                           exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                           attention_scaling, rotary_dim, layout, scaling) -> torch.Tensor:
+    """``nqcompile::dequant_attention`` on CUDA (arguments and result as
+    :func:`~nqcompile.ops.reference.dequant_attention`): the decode kernel, else the torch reference."""
+    if decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind, (key_bits, value_bits), rotary_dim,
+                            layout, inv_freq) is None:
+        kernel = _kernel()
+        return kernel.e8_decode_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, None, None,
+                                          None, None, None, None, 0, exact_k, exact_v, exact_mask, hadamard, inv_freq,
+                                          norm_mean, norm_scale, kernel.centroid_table(query.device), key_bits,
+                                          value_bits, attention_scaling, rotary_dim, layout, scaling)
+    return _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
+                      hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
+                      rotary_dim, layout, scaling)[0]
+
+
+def cache_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes, warm_k_scales,
+                         warm_v_codes, warm_v_scales, warm_pos, warm_mask, warm_offset, warm_bits, exact_k, exact_v,
+                         exact_mask, new_k, new_v, new_pos, new_dest, new_count, hadamard, inv_freq, norm_mean,
+                         norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout,
+                         scaling) -> torch.Tensor:
+    """``nqcompile::cache_attention`` on CUDA (arguments and result as :func:`~nqcompile.ops.fused.cache_attention`):
+    the write by ``nqcompile::write_kv``, then the decode kernel over the codes, the warm tier and the exact segment;
+    else the torch reference."""
+    bits = (key_bits, value_bits) + ((warm_bits,) if warm_k_codes is not None else ())
+    if decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind, bits, rotary_dim, layout, inv_freq,
+                            warm_mask) is not None:
+        return cache_attention_reference(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes,
+                                         warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask, warm_offset,
+                                         warm_bits, exact_k, exact_v, exact_mask, new_k, new_v, new_pos, new_dest,
+                                         new_count, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits,
+                                         value_bits, attention_scaling, rotary_dim, layout, scaling)
+    if new_k is not None:
+        write_kv(k_codes, k_scales, v_codes, v_scales, new_k, new_v, new_pos, new_dest, new_count, hadamard, inv_freq,
+                 norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
+    kernel = _kernel()
+    return kernel.e8_decode_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes,
+                                      warm_k_scales, warm_v_codes, warm_v_scales, warm_pos, warm_mask, warm_bits,
+                                      exact_k, exact_v, exact_mask, hadamard, inv_freq, norm_mean, norm_scale,
+                                      kernel.centroid_table(query.device), key_bits, value_bits, attention_scaling,
+                                      rotary_dim, layout, scaling)
+
+
+dequant_attention.register_kernel("cuda")(dequant_attention_cuda)
+cache_attention.register_kernel("cuda")(cache_attention_cuda)
