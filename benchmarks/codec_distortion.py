@@ -43,10 +43,10 @@ from nqcompile.codec.hadamard import hadamard_rotate
 from nqcompile.codec.lattice import DEFAULT_GAIN, E8LatticeCode
 from nqcompile.codec.registry import CODECS, code_for
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
+from nqcompile.eval.perplexity import DATA_DIR
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "persuasion.txt"
-if not DEFAULT_TEXT.exists():  # running from a checkout next to shared/
-    DEFAULT_TEXT = Path("/work/shared/data/austen/persuasion.txt")
+#: The real keys and values come from SmolLM2 reading *Persuasion* (vendored in ``nqcompile/data/``).
+DEFAULT_TEXT = DATA_DIR / "persuasion.txt"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Quality benchmark: every preset against the exact cache, in one run (DESIGN.md, "Evaluation protocol").
+"""Quality benchmark: every preset against the exact cache, in one run (``docs/design.md``, "Evaluation protocol").
 
 For the uncompressed baseline (``DynamicCache``) and every preset in ``nqcompile.PRESETS`` (or those given
 with ``--presets``, plus any defined on the command line with ``--custom``) on SmolLM2-135M-Instruct (or

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 
 from .attention import CACHE_KWARG, register_attention
 from .cache import NexusCache
+from .models.features import plan_layers
 from .policy.registry import SCORERS
 from .presets import Preset, get_preset
 
@@ -22,18 +24,22 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     """Prepare a HuggingFace causal LM so that ``model.generate(...)`` runs with a compressed cache.
 
     It registers the ``"nexusquant"`` attention (transformers' ``AttentionInterface``), switches the model
-    to it, and wraps this model's ``generate`` so that a :class:`~nqcompile.NexusCache` sized for the
-    prompt plus ``max_new_tokens`` is built when no ``past_key_values`` is passed; a ``NexusCache`` passed
-    to continue a conversation gets room for the new turn. Its ``forward`` is wrapped to hand a ``NexusCache``
-    among its arguments on to the attention functions (:data:`~nqcompile.attention.CACHE_KWARG`). A forward hook
-    has the model re-read each prefill chunk that the cache holds back for a scorer that ``needs_model``
-    (:data:`~nqcompile.policy.registry.SCORERS`; ``"reconstruction"``): :meth:`NexusCache.reconstruct`, one more
-    forward pass over the chunk. For other scorers it does nothing. Calling it again replaces the hook and the
-    wrappers. The model's weights and dtype are untouched, and it still runs exactly with a plain
+    to it, and wraps this model's ``generate``: transformers resolves every argument as it always
+    does, and where it would build its own cache (``cache_implementation`` ``None``, ``"dynamic"`` or ``"static"``)
+    a :class:`~nqcompile.NexusCache` is built instead, sized as transformers sizes a static cache (``max_length - 1``
+    tokens per sequence, ``max_length`` resolved from ``max_new_tokens``, ``max_length`` or the generation config's
+    defaults); a ``NexusCache`` passed to continue a conversation gets room for the new turn. Arguments the
+    compressed cache cannot honour are refused before the prefill. Its ``forward`` is wrapped to hand a
+    ``NexusCache`` among its arguments on to the attention functions (:data:`~nqcompile.attention.CACHE_KWARG`). A
+    forward hook has the model re-read each prefill chunk that the cache holds back for a scorer that
+    ``needs_model`` (:data:`~nqcompile.policy.registry.SCORERS`; ``"reconstruction"``): :meth:`NexusCache.reconstruct`,
+    one more forward pass over the chunk. For other scorers it does nothing. Calling it again replaces the hook and
+    the wrappers. The model's weights and dtype are untouched, and it still runs exactly with a plain
     ``DynamicCache``.
 
     Args:
-        model: a decoder-only ``PreTrainedModel`` with rotary attention.
+        model: a decoder-only ``PreTrainedModel`` with rotary attention (``docs/models.md`` lists which attention
+            features are honoured and which are refused).
         preset: a name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
         **overrides: :class:`~nqcompile.Preset` fields to change.
 
@@ -41,44 +47,53 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         the same model object, ready for ``generate``.
 
     Raises:
-        ValueError: unsupported model (encoder-decoder, no rotary attention, unsupported rope type or
-            head_dim), unknown preset or field value; from ``generate``: ``inputs_embeds`` with an evicting
-            scorer that ``needs_model`` (it re-reads the token ids), or no ``max_new_tokens``.
+        ValueError: an attention feature the cache cannot honour, named in the message
+            (:func:`~nqcompile.models.features.plan_layers`; a window shorter than a generation is refused by the
+            cache that ``generate`` builds, once the length is known), learned attention-sink logits on an attention
+            module (``sinks``), unknown preset or field value; from ``generate``, before the prefill: the arguments
+            :func:`_refuse_generate_arguments` lists.
         TypeError: from ``generate``: token ids that are not a tensor (a ``BatchEncoding``: pass its ``input_ids``).
     """
     chosen = get_preset(preset, **overrides)
-    NexusCache(model.config, chosen)  # validates the model against the preset; allocates nothing
+    plan_layers(model.config, chosen, max_cache_len=None, check_windows=False)  # validates; allocates nothing
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            raise ValueError(f"{name} holds learned attention-sink logits (sinks, as gpt-oss's attention does): each "
+                             "softmax has an extra logit per head, which the nexusquant attention does not add. "
+                             "nqcompile does not support attention sinks")
     model.set_attn_implementation(register_attention())
     # transformers >= 5.24 calls the cache argument `cache` (`past_key_values` is its deprecated alias).
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     original = type(model).generate
+    prepare_cache = type(model)._prepare_cache_for_generation
 
-    # Both wrappers are bound to the model (types.MethodType) and call the class's own methods on ``self``, so a
+    # The wrappers are bound to the model (types.MethodType) and call the class's own methods on ``self``, so a
     # deep copy of the model rebinds them to the copy instead of running the original model.
     @functools.wraps(original)
     def generate(self, *args: Any, **kwargs: Any):
-        bound = inspect.signature(original).bind_partial(self, *args, **kwargs)
-        inputs = bound.arguments.get("inputs", kwargs.get("input_ids"))
+        if "past_key_values" in kwargs and cache_arg != "past_key_values":
+            kwargs[cache_arg] = kwargs.pop("past_key_values")
+        arguments = inspect.signature(original).bind(self, *args, **kwargs).arguments
+        inputs = arguments.get("inputs", kwargs.get("input_ids"))
         if inputs is not None and not isinstance(inputs, torch.Tensor):
             raise TypeError(f"generate takes the token ids as a tensor, got {type(inputs).__name__}; for the output of "
                             "tokenizer(...) or apply_chat_template(..., return_dict=True) pass encoding['input_ids'] "
                             "(and attention_mask=encoding['attention_mask']), or **encoding")
-        if "past_key_values" in kwargs and cache_arg != "past_key_values":
-            kwargs[cache_arg] = kwargs.pop("past_key_values")
-        cache = kwargs.get(cache_arg)
-        if SCORERS[chosen.scorer].needs_model and chosen.eviction_ratio > 0 and kwargs.get("inputs_embeds") is not None:
-            raise ValueError(f"scorer={chosen.scorer!r} re-reads the prompt's token ids; pass input_ids, not "
-                             "inputs_embeds (or optimize with a scorer that needs no model)")
-        if inputs is not None and (cache is None or isinstance(cache, NexusCache)):
-            config = kwargs.get("generation_config") or self.generation_config
-            new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
-            if new_tokens is None:
-                raise ValueError("pass max_new_tokens so that the NexusCache can be sized (prompt + new tokens)")
-            if cache is None:
-                kwargs[cache_arg] = NexusCache(self.config, chosen, max_cache_len=inputs.shape[-1] + new_tokens)
-            else:
-                cache.reserve(inputs.shape[-1] - cache.seen_tokens() + new_tokens)
+        _refuse_generate_arguments(self, chosen, arguments)
         return original(self, *args, **kwargs)
+
+    def prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
+                                     max_cache_length: int) -> None:
+        # transformers' generate calls this once every argument is resolved; max_cache_length is what it would size
+        # a static cache with (max_length - 1, plus the inputs_embeds length where generate adds it).
+        user_cache = model_kwargs.get(cache_arg)
+        if user_cache is None and generation_config.use_cache is not False:
+            capacity = max(max_cache_length, generation_config.max_cache_len or 0)
+            model_kwargs[cache_arg] = NexusCache(self.config, chosen, max_cache_len=capacity)
+            return
+        prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if isinstance(user_cache, NexusCache):
+            user_cache.reserve(max_cache_length - user_cache.seen_tokens())
 
     @functools.wraps(type(model).forward)
     def forward(self, *args: Any, **kwargs: Any):
@@ -92,6 +107,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         return type(self).forward(self, *args, **kwargs)
 
     model.generate = types.MethodType(generate, model)
+    model._prepare_cache_for_generation = types.MethodType(prepare_cache_for_generation, model)
     model.forward = types.MethodType(forward, model)
     previous = getattr(model, "_nqcompile_reconstruct_hook", None)
     if previous is not None:
@@ -99,6 +115,53 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     model._nqcompile_reconstruct_hook = model.register_forward_hook(_reconstruct_after_prefill, with_kwargs=True)
     model.nqcompile_preset = chosen
     return model
+
+
+#: Cache implementations of ``generate`` that an optimized model replaces by a :class:`~nqcompile.NexusCache`.
+REPLACED_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+#: Generation modes a :class:`~nqcompile.NexusCache` supports: each sequence only ever appends.
+SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+
+
+def _refuse_generate_arguments(model, preset: Preset, arguments: dict) -> None:
+    """Raise ``ValueError``, naming the argument, for a ``generate`` call the compressed cache cannot honour.
+
+    The generation config is resolved by transformers' own ``_prepare_generation_config`` (model defaults, then the
+    ``generation_config`` passed, then keyword arguments), as ``generate`` itself does next.
+
+    Args:
+        model: the optimized model.
+        preset: its preset.
+        arguments: ``generate``'s bound arguments (``inspect.BoundArguments.arguments``).
+
+    Raises:
+        ValueError: ``custom_generate``; a generation mode other than greedy decoding or sampling (``num_beams`` > 1,
+            ``assistant_model`` or ``prompt_lookup_num_tokens``, ``penalty_alpha``, ``dola_layers``, constraints: they
+            reorder, crop or select cache entries, which compressed tokens cannot undergo); ``cache_implementation``
+            other than ``None`` / ``"dynamic"`` / ``"static"``; ``output_attentions=True``; ``inputs_embeds`` with a
+            scorer that re-reads the prompt's token ids.
+    """
+    if arguments.get("custom_generate") is not None:
+        raise ValueError("custom_generate: nqcompile cannot check what a custom decoding loop does with the cache; "
+                         "generate without it, or with the unoptimized model")
+    extra = dict(arguments.get("kwargs", {}))
+    config, _ = model._prepare_generation_config(arguments.get("generation_config"), **extra)
+    mode = config.get_generation_mode(arguments.get("assistant_model"))
+    if mode not in SUPPORTED_GENERATION_MODES:
+        raise ValueError(f"this generate call runs {mode.value} (num_beams={config.num_beams}, assistant_model / "
+                         "prompt_lookup_num_tokens, penalty_alpha, dola_layers, constraints), which reorders, crops "
+                         "or selects cache entries; a NexusCache only appends. Use greedy decoding or sampling "
+                         "(num_beams=1, no assistant), or generate with the unoptimized model")
+    if config.cache_implementation not in REPLACED_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation={config.cache_implementation!r}: an optimized model generates with "
+                         "a NexusCache; pass cache_implementation=None, 'dynamic' or 'static' (all three give a "
+                         "NexusCache, compileable as a static cache is), or generate with the unoptimized model")
+    if config.output_attentions:
+        raise ValueError("output_attentions=True: the nexusquant attention does not compute attention weights; "
+                         "generate without output_attentions, or with the unoptimized model")
+    if SCORERS[preset.scorer].needs_model and preset.eviction_ratio > 0 and extra.get("inputs_embeds") is not None:
+        raise ValueError(f"inputs_embeds: scorer={preset.scorer!r} re-reads the prompt's token ids; pass input_ids, "
+                         "not inputs_embeds (or optimize with a scorer that needs no model)")
 
 
 def _nexus_cache_among(args: tuple, kwargs: dict) -> NexusCache | None:
@@ -169,7 +232,9 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
     Raises:
         ValueError: the preset evicts with a scorer that ``needs_queries`` or ``needs_model`` (``observation``,
             ``reconstruction``) or sets ``relax_key_kl`` (they need the prefill's queries or the model; the
-            message names the scorers that work here), or the cache holds layers of another kind.
+            message names the scorers that work here), the cache holds layers of another kind, or the config has an
+            attention feature :class:`~nqcompile.NexusCache` refuses (``docs/models.md``; e.g. a ``sliding_window``
+            shorter than ``max_cache_len``, or no ``max_cache_len``, with ``compress_layers="all"``).
     """
     chosen = get_preset(preset, **overrides)
     scorer = SCORERS[chosen.scorer]

@@ -15,6 +15,8 @@ The mask function registered under the same name with ``AttentionMaskInterface``
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -47,6 +49,63 @@ def _new_token_flags(attention_mask: torch.Tensor | None, seen: torch.Tensor | i
     return flags.expand(batch, q_len)
 
 
+def _refuse_unapplied_arguments(kwargs: dict) -> None:
+    """Raise for an attention argument that neither the compressed attention nor transformers' SDPA function (used
+    for every other cache layer) applies. transformers would not have run such a model with SDPA; a registered
+    attention function is never checked that way, so the check is here."""
+    for name, what in (("softcap", "logit soft-capping (attn_logit_softcapping)"),
+                       ("s_aux", "learned attention-sink logits (the attention module's sinks)"),
+                       ("sinks", "learned attention-sink logits (the attention module's sinks)"),
+                       ("position_bias", "a relative position bias")):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"this model's attention asks for {what} ({name}=...), which the nexusquant "
+                                      "attention does not apply; nqcompile cannot compress this model's cache "
+                                      "(docs/models.md lists what it honours)")
+
+
+def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict) -> None:
+    """Raise for what a model asks of the attention function that a compressed layer would silently not do."""
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise NotImplementedError("this attention module is not causal (is_causal=False), and a compressed layer "
+                                  "attends causally; nqcompile cannot compress this model's cache")
+    window = kwargs.get("sliding_window")
+    if window is not None and not layer.rereading and (layer.max_cache_len is None or layer.max_cache_len > window):
+        raise NotImplementedError(f"this layer attends within sliding_window={window}, and a compressed layer "
+                                  "attends to every token it holds: build the NexusCache from this model's config "
+                                  f"(it then refuses a max_cache_len above {window}, or leaves such layers to "
+                                  "transformers with compress_layers='global_only')")
+
+
+#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen)``. Every layer of a forward gets
+#: the same mask, which is checked once; entries of masks freed since are dropped at the next insertion.
+_CAUSAL_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _check_causal(attention_mask: torch.Tensor | None, real: torch.Tensor, seen: int, q_len: int) -> None:
+    """Raise unless the 4D mask lets each real new token see exactly the real new tokens up to itself (what a
+    compressed layer does): a narrower window, a chunk boundary, a bidirectional block or any other pattern among
+    the new tokens would otherwise be ignored. ``real``: ``[B, q]``; ``seen``: tokens held before them. Reads
+    ``q_len ** 2`` mask entries, once per mask and ``seen``."""
+    if attention_mask is None or q_len == 1:
+        return
+    checked = _CAUSAL_CHECKED.get(id(attention_mask))
+    if checked is not None and checked[0]() is attention_mask and checked[1] == seen:
+        return
+    block = attention_mask[:, 0, -q_len:, seen:seen + q_len]  # [B or 1, q, q]
+    visible = block if block.dtype == torch.bool else block == 0
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=block.device).tril()
+    if ((visible != (causal & real[:, None, :])) & real[:, :, None]).any():
+        raise NotImplementedError(
+            "the attention mask of this forward does not let each new token see exactly the tokens up to itself (a "
+            "sliding window or chunk narrower than the input, a bidirectional block such as image tokens, or a "
+            "custom 4D mask), and a compressed layer attends causally to every token it holds. For a model with "
+            "sliding-window or chunked layers pass compress_layers='global_only'; otherwise run this input without "
+            "nqcompile")
+    for key in [key for key, (ref, _) in _CAUSAL_CHECKED.items() if ref() is None]:
+        del _CAUSAL_CHECKED[key]
+    _CAUSAL_CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), seen)
+
+
 def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                             **kwargs) -> tuple[torch.Tensor, None]:
@@ -66,20 +125,29 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         ``(attn_output [B, q, Hq, D], None)`` like transformers' attention functions.
 
     Raises:
-        RuntimeError: the model was not prepared by :func:`nqcompile.optimize` (no ``nqcompile_cache`` argument:
-            a NexusCache would then be left unread, silently).
-        NotImplementedError: ``output_attentions=True`` or dropout on a compressed layer.
+        RuntimeError: no ``nqcompile_cache`` argument (a NexusCache would then be left unread, silently): the model
+            was not prepared by :func:`nqcompile.optimize`, or its decoder layers do not pass keyword arguments on to
+            their attention.
+        NotImplementedError: logit soft-capping (``softcap``), learned sink logits (``s_aux`` / ``sinks``) or a
+            position bias, on any layer; on a compressed layer, anything else it would ignore:
+            ``output_attentions=True``, dropout, a non-causal module, a ``sliding_window`` shorter than the layer's
+            ``max_cache_len``, or a mask that is not causal over the new tokens (checked on multi-token inputs outside
+            ``torch.compile``).
         RuntimeError: gradients enabled on a compressed layer (inference only: use ``torch.no_grad()``).
     """
     if CACHE_KWARG not in kwargs:
-        raise RuntimeError("the nexusquant attention runs in models prepared by nqcompile.optimize(model, preset), "
-                           "whose forward hands the NexusCache to it; call optimize instead of setting the "
-                           "attention implementation by hand (and call the model, not its inner base model)")
+        raise RuntimeError("the nexusquant attention did not receive the model's cache: it runs in models prepared "
+                           "by nqcompile.optimize(model, preset), whose forward hands the NexusCache to it, so call "
+                           "optimize instead of setting the attention implementation by hand (and call the model, "
+                           "not its inner base model). If you did, this model's decoder layers do not pass keyword "
+                           "arguments on to their attention (StableLM does not), and nqcompile cannot serve it")
     cache = kwargs.pop(CACHE_KWARG)
+    _refuse_unapplied_arguments(kwargs)
     layer = cache.layers[module.layer_idx] if isinstance(cache, NexusCache) else None
     if not isinstance(layer, NexusLayer):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    _refuse_unsupported(module, layer, kwargs)
     if dropout:
         raise NotImplementedError("nexusquant attention is inference-only; call model.eval()")
     if kwargs.get("output_attentions"):
@@ -95,6 +163,8 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         positions = torch.arange(q_len, device=query.device)[None] + layer.get_seq_length()
     positions = positions.to(torch.int64).expand(batch, q_len)
     real = _new_token_flags(attention_mask, layer.get_seq_length(), batch, q_len, query.device)
+    if q_len > 1 and not (torch.compiler.is_compiling() or layer.rereading):
+        _check_causal(attention_mask, real, layer.seen_tokens(), q_len)
     out = layer.attend(query, key, value, real=real, positions=positions,
                        scaling=scaling if scaling is not None else head_dim**-0.5)
     return out.transpose(1, 2).contiguous(), None

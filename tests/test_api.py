@@ -64,7 +64,8 @@ def test_optimize_generate_sizes_the_cache_and_continues_a_conversation():
     turn1 = torch.randint(1, 256, (1, 60), generator=gen)
     out = model.generate(turn1, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
-    assert isinstance(cache, nqcompile.NexusCache) and cache.max_cache_len == 68
+    assert isinstance(cache, nqcompile.NexusCache) and cache.max_cache_len == 60 + 8 - 1  # as a static cache: the
+    # last new token is never fed
     turn2 = torch.cat([out.sequences, torch.randint(1, 256, (1, 12), generator=gen)], 1)
     out2 = model.generate(turn2, max_new_tokens=8, do_sample=False, past_key_values=cache,
                           return_dict_in_generate=True)
@@ -150,4 +151,5 @@ def test_a_deep_copy_of_an_optimized_model_runs_its_own_weights():
         assert not torch.allclose(got, model(ids).logits)
     torch.testing.assert_close(got, want)
     assert copy_.generate.__self__ is copy_ and copy_.forward.__self__ is copy_
+    assert copy_._prepare_cache_for_generation.__self__ is copy_
     assert "input_ids" in inspect.signature(copy_.forward).parameters

@@ -22,17 +22,12 @@ from nqcompile.eval import (
     window_nll,
 )
 from nqcompile.eval.needle import NEEDLE, QUESTION, _found
-from nqcompile.models import load_pretrained
 from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load_pretrained()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(smollm2):
+    """SmolLM2's tokenizer (its tests are ``slow``: conftest.py marks every test that needs the model)."""
     return smollm2[1]
 
 

@@ -54,11 +54,6 @@ def test_rejects_non_float_dtype():
         models.load_pretrained(None, dtype=torch.int8)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return models.load_pretrained()
-
-
 @pytest.mark.slow
 def test_smollm2_loads_as_plain_float32_llama(smollm2):
     model, tokenizer = smollm2

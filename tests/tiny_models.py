@@ -19,7 +19,7 @@ _CONFIGS = {
         vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=1024,
         pad_token_id=0),
-    # Mistral without a sliding window (a sliding window is issue 11), GQA 4 query / 1 KV head.
+    # Mistral without a sliding window (windows: tests/test_model_features.py), GQA 4 query / 1 KV head.
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=None),
@@ -38,7 +38,8 @@ _CONFIGS = {
 
 #: Kinds a NexusCache compresses in every layer (preset defaults apply).
 MODEL_KINDS = ("llama", "qwen2", "phi3", "mistral", "qwen3")
-#: Kinds with sliding-window layers: NexusCache needs ``compress_layers="global_only"`` for them.
+#: Kinds with sliding-window layers: NexusCache needs ``compress_layers="global_only"`` for them (or a
+#: ``max_cache_len`` no longer than the window).
 HYBRID_KINDS = ("gemma3",)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from ..models.rope_spec import RotarySpec
+from ..models.features import WINDOW_FIELDS, plan_layers
 from .layer import NexusLayer
 from .memory import CacheMemoryReport, memory_report
 from ..models.compat import cache_kwarg_name
@@ -58,28 +58,27 @@ class NexusCache(Cache):
             ``StaticCache``; ``None`` lets the code buffers grow at each chunk end.
         **overrides: any :class:`~nqcompile.Preset` field.
 
+    Which attention features of the config are honoured, and how, is in ``docs/models.md``: full-attention layers
+    are compressed; sliding-window and chunked layers are left to transformers' own cache with
+    ``compress_layers="global_only"``, and compressed with ``"all"`` only when ``max_cache_len`` is at most their
+    window (so the window excludes nothing).
+
     Raises:
-        ValueError: encoder-decoder model, model without rotary attention or with an unsupported rope type,
-            head_dim not a multiple of 8 for a quantized preset, sliding-window layers with
-            ``compress_layers="all"``, unknown preset or field value.
+        ValueError: a config feature that a compressed layer cannot honour, named in the message
+            (:func:`~nqcompile.models.features.plan_layers`: encoder-decoder, no rotary attention or an unsupported
+            rope, ALiBi, multi-head latent attention, ``attn_logit_softcapping``, cross-layer KV sharing,
+            bidirectional attention, non-attention ``layer_types``, a ``sliding_window`` / ``attention_chunk_size``
+            shorter than ``max_cache_len`` with ``compress_layers="all"``); head_dim not a multiple of 8 for a
+            quantized preset; unknown preset or field value.
     """
 
     def __init__(self, config, preset: "str | Preset" = "balanced", *, max_cache_len: int | None = None, **overrides):
         self.preset = get_preset(preset, **overrides)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError("NexusCache supports decoder-only causal LMs; this config is encoder-decoder")
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        n_layers = text.num_hidden_layers
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if not self.preset.exact and head_dim % 8:
-            raise ValueError(f"head_dim={head_dim} is not a multiple of 8, which the E8 codec needs; "
-                             "use an exact preset (key_bits=None, value_bits=None)")
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * n_layers
-        sliding = [t != "full_attention" for t in layer_types]
-        if any(sliding) and self.preset.compress_layers == "all":
-            raise ValueError("this model has sliding-window layers, which NexusCache cannot compress yet; "
-                             "pass compress_layers='global_only' to leave them as transformers' layers")
-        compressed = [i for i in range(n_layers) if not sliding[i]]
+        plans = plan_layers(config, self.preset, max_cache_len=max_cache_len)
+        #: The smallest window among the compressed layers (``max_cache_len`` may not pass it): (field, tokens).
+        self._window_limit = min(((WINDOW_FIELDS[p.layer_type], p.window) for p in plans
+                                  if p.compressed and p.window is not None), key=lambda fw: fw[1], default=None)
+        compressed = [i for i, plan in enumerate(plans) if plan.compressed]
         nb = self.preset.boundary_layers
         boundary = set(compressed[:nb] + compressed[len(compressed) - nb:]) if nb else set()
         evicting = [i for i in compressed if i not in boundary]
@@ -88,13 +87,13 @@ class NexusCache(Cache):
         quant_bits = None if self.preset.exact else (self.preset.key_bits, self.preset.value_bits)
         boundary_bits = None if self.preset.boundary_bits is None else (self.preset.boundary_bits,) * 2
         layers = []
-        for i in range(n_layers):
-            if sliding[i]:
-                layers.append(ContiguousSlidingWindowLayer(sliding_window=text.sliding_window))
+        for i, plan in enumerate(plans):
+            if not plan.compressed:
+                layers.append(ContiguousSlidingWindowLayer(sliding_window=plan.window))
                 continue
             layers.append(NexusLayer(preset=self.preset, bits=boundary_bits if i in boundary else quant_bits,
-                                     eviction_ratio=ratios.get(i, 0.0),
-                                     rotary=RotarySpec.from_config(text, layer_idx=i), max_cache_len=max_cache_len))
+                                     eviction_ratio=ratios.get(i, 0.0), rotary=plan.rotary,
+                                     max_cache_len=max_cache_len))
         super().__init__(layers=layers)
 
     @property
@@ -226,7 +225,19 @@ class NexusCache(Cache):
                     int(self.get_seq_length()))
 
     def reserve(self, new_tokens: int) -> None:
-        """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded."""
+        """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded.
+
+        Raises:
+            ValueError: the new capacity would pass the window of a compressed sliding-window or chunked layer
+                (:func:`~nqcompile.models.features.plan_layers`), before anything changes.
+        """
+        needed = self.seen_tokens() + new_tokens
+        if self._window_limit is not None and needed > self._window_limit[1]:
+            field, window = self._window_limit
+            raise ValueError(f"this NexusCache compresses layers with {field}={window}, which it honours only while "
+                             f"it holds at most {window} tokens per sequence; {self.seen_tokens()} held + "
+                             f"{new_tokens} new = {needed}. Continue with a fresh cache built with "
+                             "compress_layers='global_only', or keep the conversation within the window")
         for layer in self.layers:
             if isinstance(layer, NexusLayer):
                 layer.reserve(new_tokens)

@@ -12,11 +12,11 @@ IEEE Trans. Inf. Theory 29(6), 1983; used for LLM quantization by NestQuant, Sav
   the Voronoi region of ``q E8`` (on the region's boundary ``e8_nearest``'s tie rule decides, which
   makes the codebook lopsided: its centroid is about ``(0.47, -0.02, ..., -0.11)`` at 2 bits);
 * reconstruction: ``gain * (c - centroid)``. The codebook is shifted by its centroid (exact at 2 and 3
-  bits, a 2**26-sample estimate at 4 bits; DESIGN.md "Codec requirements"), and ``gain`` (the lattice
+  bits, a 2**26-sample estimate at 4 bits; ``docs/design.md``, "Codec requirements"), and ``gain`` (the lattice
   scaling) is tuned per rate to maximize the SNR of unit-RMS Gaussian inputs
   (``benchmarks/codec_distortion.py --tune-gain``).
 
-Encoder (overload handling; DESIGN.md "Codec requirements"). With ``u = x / gain + centroid`` (lattice
+Encoder (overload handling; ``docs/design.md``, "Codec requirements"). With ``u = x / gain + centroid`` (lattice
 units), the nearest lattice point ``e8_nearest(u)`` is the optimal codeword whenever it lies in the
 codebook. For the other ("overloaded") blocks a plain Voronoi encoder would wrap the point to a far-away
 representative. Instead:

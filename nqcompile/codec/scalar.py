@@ -5,7 +5,7 @@ indices (``nqcompile.codec.packing``, little-endian), so a ``D``-dim vector take
 ``D * bits / 8`` bytes, the same budget as the E8 lattice code at the same rate. Both are designed for
 inputs that were already divided by a per-vector scale (RMS about 1 per coordinate) and, typically,
 Hadamard-rotated, so that coordinates are close to a unit Gaussian. They are the strongest scalar
-baselines, not straw men (DESIGN.md, "Codec requirements"):
+baselines, not straw men (``docs/design.md``, "Codec requirements"):
 
 * :class:`UniformScalarCode`: a mid-rise grid ``(i + 1/2 - 2**(bits-1)) * step`` using all ``2**bits``
   levels (not the ``2**bits - 1`` levels of a symmetric integer grid), with the step minimizing the

@@ -1,6 +1,6 @@
 """Quality evaluation of KV-cache compression: perplexity through the cache and needle recall.
 
-Both follow DESIGN.md's evaluation protocol: the prompt (or context) is prefilled in one chunk and
+Both follow the evaluation protocol of ``docs/design.md``: the prompt (or context) is prefilled in one chunk and
 compressed at the end of it, and everything after it goes through the cache as generation would.
 """
 

@@ -1,6 +1,6 @@
 """Perplexity through a (compressed) KV cache, the way generation would use it.
 
-Protocol (DESIGN.md, "Evaluation protocol"): for one window of ``prefix + continuation`` tokens, prefill
+Protocol (``docs/design.md``, "Evaluation protocol"): for one window of ``prefix + continuation`` tokens, prefill
 the first ``prefix`` tokens in one chunk (exact attention; a compressed cache compresses at the end of the
 chunk), then run the continuation through the same cache as decode steps (teacher forcing, exactly as
 ``generate`` would: a ``NexusCache`` replays the ``continuation - 1`` steps in one forward with

@@ -133,6 +133,11 @@ def _model_type(config: Any) -> str:
     return str(getattr(config, "model_type", "") or "")
 
 
+def _default_layout(config: Any) -> str:
+    """``"interleaved"`` for :data:`INTERLEAVED_MODEL_TYPES`, else ``"half"``."""
+    return "interleaved" if _model_type(config) in INTERLEAVED_MODEL_TYPES else "half"
+
+
 def _describe(config: Any) -> str:
     mt = _model_type(config)
     return f"config (model_type={mt!r})" if mt else f"config {type(config).__name__}"
@@ -181,10 +186,25 @@ def _num_layers(config: Any) -> int | None:
     return n if isinstance(n, int) else None
 
 
+#: Model types whose attention applies no RoPE in some layers by code rather than by a config flag (checked against
+#: ``modeling_<type>.py`` of transformers 5.17 and 5.24): ``(config, layer_idx) -> True`` for a layer without RoPE.
+#: Cohere 2 and AFMoE rotate only in their sliding-window layers; EXAONE 4 too when it has any (``sliding_window``
+#: set), else everywhere.
+_NOPE_BY_MODEL_TYPE = {
+    "cohere2": lambda config, i: config.layer_types[i] != "sliding_attention",
+    "afmoe": lambda config, i: config.layer_types[i] != "sliding_attention",
+    "exaone4": lambda config, i: config.sliding_window is not None and config.layer_types[i] != "sliding_attention",
+}
+
+
 def _layer_has_no_rope(config: Any, layer_idx: int) -> bool:
-    """SmolLM3 / Llama-4 ``no_rope_layers``: entry 0 means the layer uses no positional embedding (NoPE)."""
+    """Whether layer ``layer_idx`` uses no positional embedding (NoPE): SmolLM3 / Llama-4 ``no_rope_layers`` (entry 0),
+    or the model types of :data:`_NOPE_BY_MODEL_TYPE`."""
     flags = getattr(config, "no_rope_layers", None)
-    return bool(flags) and layer_idx < len(flags) and not flags[layer_idx]
+    if flags and layer_idx < len(flags) and not flags[layer_idx]:
+        return True
+    by_code = _NOPE_BY_MODEL_TYPE.get(_model_type(config))
+    return by_code is not None and bool(by_code(config, layer_idx))
 
 
 def _resolve_head_dim(config: Any) -> int:
@@ -198,9 +218,10 @@ def _resolve_head_dim(config: Any) -> int:
     return int(head_dim)
 
 
-def _resolve_rope_parameters(config: Any, layer_idx: int | None) -> dict:
+def _resolve_rope_parameters(config: Any, layer_idx: int | None) -> dict | None:
     """The flat, standardized rope parameter dict that applies to ``layer_idx`` (mirrors
-    ``RotaryEmbeddingConfigMixin.standardize_rope_params`` of transformers 5.17-5.24)."""
+    ``RotaryEmbeddingConfigMixin.standardize_rope_params`` of transformers 5.17-5.24), or None for a layer type whose
+    entry is None (no positional embedding)."""
     legacy_theta = getattr(config, "rope_theta", None)
     if legacy_theta is None:
         legacy_theta = getattr(config, "rotary_emb_base", None)  # GPT-NeoX 4.x name
@@ -244,9 +265,8 @@ def _resolve_rope_parameters(config: Any, layer_idx: int | None) -> dict:
             raise ValueError(f"layer {layer_idx} has layer type {layer_type!r}, which has no entry in the per-layer-type "
                              f"rope_parameters (keys: {sorted(params)}); this model maps layers to rope entries in "
                              "model-specific code that RotarySpec does not replicate")
-        if params[layer_type] is None:
-            raise ValueError(f"layer {layer_idx} ({layer_type!r}) has rope_parameters None: it uses no positional "
-                             "embedding (NoPE), so there is no RoPE to remove from its keys")
+        if params[layer_type] is None:  # no positional embedding (NoPE) in this layer type
+            return None
         params = dict(params[layer_type])
         params.setdefault("rope_type", params.get("type", "default"))
         params.setdefault("rope_theta", legacy_theta if legacy_theta is not None else default_theta)
@@ -373,7 +393,9 @@ class RotarySpec:
         Args:
             config: a ``transformers.PretrainedConfig`` or any object with the same attributes.
             layer_idx: attention layer index; required when rope parameters differ per layer type; also used
-                to reject NoPE layers (``no_rope_layers``).
+                to find layers without positional embedding (NoPE: ``no_rope_layers``, a per-layer-type entry
+                ``None``, or by code in the model types of :data:`_NOPE_BY_MODEL_TYPE`), which get
+                :meth:`identity`.
             layout: ``"half"`` or ``"interleaved"``; ``None`` -> ``"interleaved"`` for
                 :data:`INTERLEAVED_MODEL_TYPES`, else ``"half"``. transformers 5 has no config flag for the
                 pair layout (DeepSeek's ``rope_interleave`` belongs to MLA models, rejected below).
@@ -385,7 +407,7 @@ class RotarySpec:
         Raises:
             ValueError: encoder-decoder config; no rotary settings (absolute / learned positions,
                 ``position_embedding_type`` other than rotary, ALiBi as in Bloom / MPT / Falcon-alibi);
-                multi-head latent attention (DeepSeek-V2/V3); multimodal ``mrope_section`` rope; a NoPE layer;
+                multi-head latent attention (DeepSeek-V2/V3); multimodal ``mrope_section`` rope;
                 per-layer-type parameters without ``layer_idx``; unknown rope type; odd or zero rotary dim
                 (``int(head_dim * partial_rotary_factor)``); unknown layout.
         """
@@ -400,11 +422,11 @@ class RotarySpec:
             n_layers = _num_layers(config)
             if layer_idx < 0 or (n_layers is not None and layer_idx >= n_layers):
                 raise ValueError(f"layer_idx={layer_idx} out of range for {_describe(config)} with {n_layers} layers")
-            if _layer_has_no_rope(config, layer_idx):
-                raise ValueError(f"layer {layer_idx} of {_describe(config)} uses no positional embedding "
-                                 "(no_rope_layers[layer_idx] == 0, NoPE): there is no RoPE to remove from its keys")
+            no_rope = _layer_has_no_rope(config, layer_idx)
             if getattr(config, "is_heterogeneous", False) is True:
                 config = config.per_layer_config[layer_idx]
+            if no_rope:
+                return cls.identity(_resolve_head_dim(config), layout=layout or _default_layout(config))
         elif getattr(config, "is_heterogeneous", False) is True:
             try:
                 return cls._from_layer_config(config, None, layout)
@@ -417,6 +439,8 @@ class RotarySpec:
     def _from_layer_config(cls, config: Any, layer_idx: int | None, layout: str | None) -> "RotarySpec":
         """:meth:`from_config` after the text / per-layer config has been selected."""
         params = _resolve_rope_parameters(config, layer_idx)
+        if params is None:
+            return cls.identity(_resolve_head_dim(config), layout=layout or _default_layout(config))
         rope_type = params["rope_type"]
         if params.get("mrope_section") is not None:
             raise ValueError(f"{_describe(config)} uses multimodal rotary embedding (mrope_section="
@@ -466,10 +490,18 @@ class RotarySpec:
             max_exact_length = int(limit)
 
         if layout is None:
-            layout = "interleaved" if _model_type(config) in INTERLEAVED_MODEL_TYPES else "half"
+            layout = _default_layout(config)
         return cls(inv_freq=inv_freq, attention_scaling=float(attention_scaling), rotary_dim=spec_rotary_dim,
                    head_dim=head_dim, layout=layout, rope_type=rope_type, max_exact_length=max_exact_length,
                    rope_theta=float(params["rope_theta"]) if params.get("rope_theta") is not None else None)
+
+    @classmethod
+    def identity(cls, head_dim: int, *, layout: str = "half") -> "RotarySpec":
+        """The spec of a layer without positional embedding (NoPE): every frequency zero, so :meth:`apply` and
+        :meth:`remove` return the keys unchanged (bit for bit: cos 1, sin 0). ``rope_type`` is ``"none"``."""
+        pairs = int(head_dim) // 2
+        return cls(inv_freq=torch.zeros(pairs), attention_scaling=1.0, rotary_dim=2 * pairs, head_dim=head_dim,
+                   layout=layout, rope_type="none")
 
     # -- use -----------------------------------------------------------------------------------------------
 

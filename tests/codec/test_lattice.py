@@ -20,7 +20,7 @@ from nqcompile.codec.scalar import LloydMaxCode, UniformScalarCode, gaussian_llo
 from nqcompile.codec.scalar import gaussian_uniform_step
 from nqcompile.codec.vector import dequantize_vectors, quantize_vectors
 
-# DESIGN.md "Codec requirements": iid Gaussian 64-dim vectors, per-vector RMS scale.
+# docs/design.md, "Codec requirements": iid Gaussian 64-dim vectors, per-vector RMS scale.
 TARGET_DB = {2: 10.27, 3: 15.81}
 
 

@@ -287,8 +287,7 @@ def test_llama4_complex_form_matches_transformers():
     torch.testing.assert_close(spec.apply(k.transpose(1, 2), pos).transpose(1, 2), expected, atol=ATOL, rtol=0)
     nope = [i for i, use_rope in enumerate(text.no_rope_layers) if not use_rope]
     assert nope, "default Llama-4 config has NoPE layers"
-    with pytest.raises(ValueError, match="NoPE"):
-        RotarySpec.from_config(config, layer_idx=nope[0])
+    assert RotarySpec.from_config(config, layer_idx=nope[0]) == RotarySpec.identity(64, layout="interleaved")
 
 
 def test_layout_defaults_to_half_and_override():
@@ -337,8 +336,7 @@ def test_hand_built_per_layer_type_config():
     assert (s0.rope_theta, s0.rope_type) == (10_000.0, "default")
     assert (s1.rope_theta, s1.rope_type) == (1e6, "linear")
     torch.testing.assert_close(s1.inv_freq, 1.0 / (1e6 ** (torch.arange(0, 32, 2).float() / 32)) / 8.0)
-    with pytest.raises(ValueError, match="NoPE"):
-        RotarySpec.from_config(config, layer_idx=3)
+    assert RotarySpec.from_config(config, layer_idx=3).rope_type == "none"  # rope_parameters None: NoPE
     with pytest.raises(ValueError, match="out of range"):
         RotarySpec.from_config(config, layer_idx=4)
 
@@ -356,15 +354,24 @@ def test_heterogeneous_per_layer_config():
         RotarySpec.from_config(config)
 
 
-def test_no_rope_layers_rejected():
+def test_layers_without_rope_get_the_identity():
+    """NoPE layers (SmolLM3's no_rope_layers; Cohere 2's full-attention layers, by code) rotate nothing."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = transformers.SmolLM3Config(hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
                                             num_hidden_layers=4, intermediate_size=32, vocab_size=32,
                                             no_rope_layers=[1, 1, 1, 0])
-    RotarySpec.from_config(config, layer_idx=0)
-    with pytest.raises(ValueError, match="NoPE"):
-        RotarySpec.from_config(config, layer_idx=3)
+        cohere2 = transformers.Cohere2Config(hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
+                                             num_hidden_layers=4, intermediate_size=32, vocab_size=32,
+                                             layer_types=["sliding_attention", "full_attention"] * 2)
+    assert RotarySpec.from_config(config, layer_idx=0).rope_type == "default"
+    nope = RotarySpec.from_config(config, layer_idx=3)
+    assert nope == RotarySpec.identity(64) and nope.rope_type == "none"
+    keys = _keys(64)
+    assert torch.equal(nope.apply(keys, _positions(keys.shape[2])), keys)
+    assert torch.equal(nope.remove(keys, _positions(keys.shape[2])), keys)
+    assert [RotarySpec.from_config(cohere2, layer_idx=i).rope_type for i in range(4)] == ["default", "none"] * 2
+    assert RotarySpec.from_config(cohere2, layer_idx=1).layout == "interleaved"
 
 
 # ---------------------------------------------------------------------------------------------------------
