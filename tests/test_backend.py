@@ -15,7 +15,7 @@ import nqcompile
 import nqcompile.eval
 from nqcompile.models import load_pretrained
 from nqcompile.compile import report as nexus_report
-from tiny_models import tiny_model
+from tiny_models import greedy_tokens, tiny_model
 
 STEPS = 16
 
@@ -30,27 +30,14 @@ def test_backend_is_found_in_a_fresh_interpreter_that_never_imported_nqcompile()
     assert out == ["True", "False"]
 
 
-def _greedy(model, ids, cache, step):
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache)
-        token, tokens = out.logits[:, -1:].argmax(-1), []
-        for _ in range(STEPS):
-            token = step(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-    return tokens
-
-
 @pytest.mark.parametrize("mode", [None, "max-autotune-no-cudagraphs"])
 def test_prepared_model_decodes_like_eager_and_every_attention_site_is_reported(mode):
     model = nqcompile.optimize(tiny_model("llama"), "quant_only", recent_window=16, warm_tokens=32, relax_key_kl=0)
     ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(0))
 
-    def fresh():
-        return nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=80 + STEPS + 1)
-
-    eager = _greedy(model, ids, fresh(), model.forward)
-    compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, backend="nexusquant", mode=mode,
-                                                          fullgraph=True))
+    eager = greedy_tokens(model, ids, model.forward, STEPS)
+    compiled = greedy_tokens(model, ids, torch.compile(model.forward, backend="nexusquant", mode=mode,
+                                                       fullgraph=True), STEPS)
     assert compiled == eager
     reports = nexus_report.last_reports()
     assert len(reports) == 1 and reports[0].prepared and reports[0].mode == mode

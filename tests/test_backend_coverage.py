@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 import nqcompile
 import nqcompile.eval
 from nqcompile.compile import report as nexus_report
-from nqcompile.models import cache_kwarg_name, load_pretrained
-from tiny_models import HYBRID_KINDS, MODEL_KINDS, tiny_model
+from nqcompile.models import load_pretrained
+from tiny_models import HYBRID_KINDS, MODEL_KINDS, greedy_tokens, tiny_model
 
 PROMPT = 100
 STEPS = 32
@@ -24,22 +24,9 @@ SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl
 pytestmark = pytest.mark.usefixtures("no_recompiles")
 
 
-def _greedy(model, ids: torch.Tensor, step) -> list[int]:
-    """Prefill ``ids`` eagerly into a fresh NexusCache (with the re-reading the preset asks for), then ``STEPS``
-    greedy decode steps through ``step``; the tokens chosen."""
-    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + STEPS + 1)
-    kw = {cache_kwarg_name(model): cache}
-    with torch.no_grad():
-        token, tokens = model(ids, **kw).logits[:, -1:].argmax(-1), []
-        for _ in range(STEPS):
-            token = step(token, **kw).logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-    return tokens
-
-
 def _check_compiled_decode(model, ids, graphs: int = 1):
-    eager = _greedy(model, ids, model.forward)
-    compiled = _greedy(model, ids, torch.compile(model.forward, backend="nexusquant", fullgraph=True))
+    eager = greedy_tokens(model, ids, model.forward, STEPS)
+    compiled = greedy_tokens(model, ids, torch.compile(model.forward, backend="nexusquant", fullgraph=True), STEPS)
     assert compiled == eager
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])

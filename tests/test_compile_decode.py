@@ -9,8 +9,8 @@ from transformers import CompileConfig
 
 import nqcompile
 import nqcompile.eval
-from nqcompile.models import cache_kwarg_name, load_pretrained
-from tiny_models import tiny_model
+from nqcompile.models import load_pretrained
+from tiny_models import greedy_tokens, tiny_model
 
 STEPS = 64
 # A 16-token window and a 32-token warm tier flush several times in 64 steps; a 32-token minimum evicts from the
@@ -19,20 +19,6 @@ SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl
 
 
 pytestmark = pytest.mark.usefixtures("no_recompiles")
-
-
-def _greedy(model, ids: torch.Tensor, cache, step) -> list[int]:
-    """Prefill ``ids`` eagerly (re-reading when the preset asks for it), then ``STEPS`` greedy steps through ``step``."""
-    kw = cache_kwarg_name(model)
-    with torch.no_grad():
-        out = model(ids, **{kw: cache})
-        if cache.awaiting_reconstruction:
-            cache.reconstruct(model, ids)
-        token, tokens = out.logits[:, -1:].argmax(-1), []
-        for _ in range(STEPS):
-            token = step(token, **{kw: cache}).logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-    return tokens
 
 
 def _assert_one_graph():
@@ -46,11 +32,8 @@ def test_compiled_decode_step_matches_eager_with_one_graph(kind, preset):
     model = nqcompile.optimize(tiny_model(kind), preset, **SMALL)
     ids = torch.randint(1, 256, (1, 100), generator=torch.Generator().manual_seed(0))
 
-    def fresh():
-        return nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + STEPS + 1)
-
-    eager = _greedy(model, ids, fresh(), model.forward)
-    compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, fullgraph=True))
+    eager = greedy_tokens(model, ids, model.forward, STEPS)
+    compiled = greedy_tokens(model, ids, torch.compile(model.forward, fullgraph=True), STEPS)
     assert compiled == eager
     _assert_one_graph()
 
@@ -84,10 +67,7 @@ def test_compiled_decode_on_smollm2(preset):
     text = nqcompile.eval.read_data_text("prompt.txt")
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
 
-    def fresh():
-        return nqcompile.NexusCache(model.config, preset, max_cache_len=ids.shape[1] + STEPS + 1)
-
-    eager = _greedy(model, ids, fresh(), model.forward)
-    compiled = _greedy(model, ids, fresh(), torch.compile(model.forward, fullgraph=True))
+    eager = greedy_tokens(model, ids, model.forward, STEPS)
+    compiled = greedy_tokens(model, ids, torch.compile(model.forward, fullgraph=True), STEPS)
     assert compiled == eager
     _assert_one_graph()

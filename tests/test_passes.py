@@ -15,7 +15,7 @@ from nqcompile.compile import report as nexus_report
 from nqcompile.compile.passes import build_passes
 from nqcompile.compile.passes.fuse_flush_attention import CUDAGRAPH_REASON
 from nqcompile.ops.fused import cache_attention
-from tiny_models import tiny_model
+from tiny_models import greedy_tokens, tiny_model
 
 SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
 STEPS = 24
@@ -90,23 +90,12 @@ def test_cache_attention_equals_write_then_dequant_then_attention(batch, heads, 
         assert torch.equal(fused_buf, buf)
 
 
-def _greedy(model, ids, step, steps=STEPS):
-    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + steps + 1)
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache)
-        token, tokens = out.logits[:, -1:].argmax(-1), []
-        for _ in range(steps):
-            token = step(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-    return tokens
-
-
 @pytest.mark.parametrize("kind, preset", [("llama", "balanced"), ("qwen2", "quant_only"), ("phi3", "asym")])
 def test_every_compressed_layer_decodes_through_one_fused_node(kind, preset):
     model = nqcompile.optimize(tiny_model(kind), preset, **SMALL)
     ids = torch.randint(1, 256, (1, 90), generator=torch.Generator().manual_seed(2))
-    eager = _greedy(model, ids, model.forward)
-    compiled = _greedy(model, ids, torch.compile(model.forward, backend="nexusquant", fullgraph=True))
+    eager = greedy_tokens(model, ids, model.forward, STEPS)
+    compiled = greedy_tokens(model, ids, torch.compile(model.forward, backend="nexusquant", fullgraph=True), STEPS)
     assert compiled == eager
     (report,) = nexus_report.last_reports()
     layers = model.config.num_hidden_layers
@@ -167,7 +156,7 @@ def test_for_cuda_graphs_the_flush_write_stays_apart_and_the_report_says_why():
         gm = graph_module
         return graph_module.forward
 
-    _greedy(model, ids, torch.compile(model.forward, backend=capture, fullgraph=True), steps=1)
+    greedy_tokens(model, ids, torch.compile(model.forward, backend=capture, fullgraph=True), 1)
     flush(gm.graph)
     layers = model.config.num_hidden_layers
     assert flush.rewrites == [] and list(flush.left_alone.values()) == [CUDAGRAPH_REASON] * layers

@@ -94,3 +94,20 @@ def save_tiny_model_with_tokenizer(folder, kind: str = "llama") -> str:
     tok.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(folder)
     return str(folder)
+
+
+def greedy_tokens(model, ids: torch.Tensor, step, steps: int) -> list[int]:
+    """Prefill ``ids`` ``[1, L]`` eagerly through ``model`` (an optimized model: its hook re-reads the chunk when the
+    preset asks for it) into a fresh ``NexusCache`` of its preset sized for the steps, then ``steps`` greedy decode
+    steps through ``step`` (``model.forward`` or a compiled version of it); the tokens chosen."""
+    import nqcompile
+    from nqcompile.models import cache_kwarg_name
+
+    cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + steps + 1)
+    kw = {cache_kwarg_name(model): cache}
+    with torch.no_grad():
+        token, tokens = model(ids, **kw).logits[:, -1:].argmax(-1), []
+        for _ in range(steps):
+            token = step(token, **kw).logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+    return tokens
