@@ -3,7 +3,8 @@
 Not part of the library: each script puts its own folder on ``sys.path`` before importing it, so that it also
 imports when a test loads the script by its file path.
 
-* command-line lists: :func:`names`, :func:`ints`;
+* command line: :func:`names`, :func:`ints` (lists), :func:`parse_with_smoke` (``--smoke`` defaults and known
+  presets);
 * timing: :func:`prefill` (chunks; the re-reading of a ``reconstruction`` preset timed apart; the last logits),
   :func:`time_calls` (warm-up, then timed calls; a compiled callable's first call timed on its own, and the graphs
   Dynamo compiled counted), :func:`compile_counts`;
@@ -13,6 +14,7 @@ imports when a test loads the script by its file path.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -22,6 +24,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
+import nqcompile
 from nqcompile.models import cache_kwarg_name
 
 
@@ -33,6 +36,19 @@ def names(text: str) -> list[str]:
 def ints(text: str) -> list[int]:
     """``"1,2"`` -> ``[1, 2]``."""
     return [int(x) for x in names(text)]
+
+
+def parse_with_smoke(parser: argparse.ArgumentParser, argv: list[str] | None, smoke: dict) -> argparse.Namespace:
+    """Parse ``argv``; with ``--smoke``, parse again with ``smoke`` as the defaults (flags on the command line still
+    win). The parser must have ``--smoke`` and ``--presets`` (a list of names); an unknown preset is a usage error."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    unknown = [x for x in args.presets if x not in nqcompile.PRESETS]
+    if unknown:
+        parser.error(f"unknown presets {unknown}; known: {sorted(nqcompile.PRESETS)}")
+    return args
 
 
 def _no_sync() -> None:

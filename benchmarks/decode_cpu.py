@@ -70,7 +70,8 @@ from nqcompile.policy.registry import SCORERS
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # benchmarks/_common.py, also when a test loads this script by its path
     sys.path.insert(0, _HERE)
-from _common import failure, ints, markdown, names, prefill, progress, time_calls, write_json  # noqa: E402
+from _common import failure, ints, markdown, names, parse_with_smoke, prefill, progress, time_calls  # noqa: E402
+from _common import write_json  # noqa: E402
 
 BASELINE = "DynamicCache"
 MODES = ("eager", "compiled")
@@ -107,13 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("out/decode_cpu.json"), help="JSON results file")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random Llama instead of SmolLM2: " + " ".join(f"--{k} {v}" for k, v in SMOKE.items()))
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    unknown = [x for x in args.presets if x not in nqcompile.PRESETS]
-    if unknown:
-        p.error(f"unknown presets {unknown}; known: {sorted(nqcompile.PRESETS)}")
+    args = parse_with_smoke(p, argv, SMOKE)
     for flag, modes in (("--modes", args.modes), ("--baseline-modes", args.baseline_modes)):
         if any(m not in MODES for m in modes):
             p.error(f"{flag} must name some of {MODES}, got {modes}")

@@ -65,7 +65,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # benchmarks/_common.py, also when a test loads this script by its path
     sys.path.insert(0, _HERE)
 from _common import failure as _failure, ints as _ints, markdown, names as _names, progress  # noqa: E402
-from _common import prefill as _prefill, time_calls, write_json as _write  # noqa: E402
+from _common import parse_with_smoke, prefill as _prefill, time_calls, write_json as _write  # noqa: E402
 
 BASELINE = "bf16 DynamicCache"
 MODES = ("eager", "compiled")
@@ -104,13 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("out/e2e_decode.json"), help="JSON results file")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU check: " + " ".join(f"--{k} {v}" for k, v in SMOKE.items()))
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    unknown = [x for x in args.presets if x not in nqcompile.PRESETS]
-    if unknown:
-        p.error(f"unknown presets {unknown}; known: {sorted(nqcompile.PRESETS)}")
+    args = parse_with_smoke(p, argv, SMOKE)
     if any(m not in MODES for m in args.modes) or not args.modes:
         p.error(f"--modes must name some of {MODES}, got {args.modes}")
     args.modes = [m for m in MODES if m in args.modes]  # eager first: the compiled steps continue its cache
