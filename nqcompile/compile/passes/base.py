@@ -25,7 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from ..report import Rewrite
 from ..sites import op_name
 
-__all__ = ["NexusPass", "SITE_META", "op_args", "is_op", "full_view_base", "mutated_between",
+__all__ = ["NexusPass", "SITE_META", "op_args", "is_op", "full_view_base", "token_prefix", "mutated_between",
            "used_between", "static_size", "site_of"]
 
 #: ``node.meta`` key under which a replacement node keeps the name of the site it replaced (so a later pass
@@ -102,21 +102,34 @@ def static_size(node: Any, dim: int) -> int | None:
     return size if isinstance(size, int) else None
 
 
+def token_prefix(node: Any) -> tuple[torch.fx.Node, int | None] | None:
+    """``(base, n)`` when ``node`` is ``base[:, :, :n]`` (the first ``n`` tokens along dim 2; ``n`` None for
+    ``base[:, :, :]``); None for any other node."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    base, index = node.args
+    whole = slice(None, None, None)
+    if not (isinstance(index, tuple) and len(index) == 3 and index[:2] == (whole, whole)):
+        return None
+    last = index[2]
+    if not (isinstance(last, slice) and last.start in (None, 0) and last.step in (None, 1)
+            and (last.stop is None or isinstance(last.stop, int))):
+        return None
+    return base, last.stop
+
+
 def full_view_base(node: Any) -> torch.fx.Node | None:
     """The tensor ``node`` views whole: ``node`` itself, or ``base[:, :, :n]`` with ``n`` at least ``base``'s size
     along dim 2; None otherwise."""
     if not isinstance(node, torch.fx.Node):
         return None
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
-        base, index = node.args
-        head, last = index[:2], index[2] if len(index) == 3 else None
-        whole = slice(None, None, None)
-        if (len(index) == 3 and all(i == whole for i in head) and isinstance(last, slice) and last.start in (None, 0)
-                and last.step in (None, 1)):
-            size = static_size(base, 2)
-            if last.stop is None or (size is not None and isinstance(last.stop, int) and last.stop >= size):
-                return base
-        return None
+        prefix = token_prefix(node)
+        if prefix is None:
+            return None
+        base, stop = prefix
+        size = static_size(base, 2)
+        return base if stop is None or (size is not None and stop >= size) else None
     return node
 
 

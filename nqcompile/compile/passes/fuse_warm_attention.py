@@ -25,7 +25,7 @@ import torch
 
 from ...ops import fused  # noqa: F401  (registers nqcompile::cache_attention)
 from ..report import Rewrite
-from .base import SITE_META, NexusPass, is_op, op_args, static_size
+from .base import SITE_META, NexusPass, is_op, op_args, static_size, token_prefix
 
 __all__ = ["FuseWarmAttention"]
 
@@ -112,16 +112,9 @@ class FuseWarmAttention(NexusPass):
                 graph.erase_node(out)
             graph.erase_node(source)
             return None
-        stops = set()
-        for user in readers:
-            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
-            whole = slice(None, None, None)
-            if not (isinstance(index, tuple) and len(index) == 3 and index[:2] == (whole, whole)
-                    and isinstance(index[2], slice) and index[2].start in (None, 0) and index[2].step is None
-                    and isinstance(index[2].stop, int)):
-                return None
-            stops.add(index[2].stop)
-        if len(stops) != 1:
+        prefixes = [token_prefix(user) for user in readers]
+        stops = {prefix[1] for prefix in prefixes if prefix is not None}
+        if None in prefixes or len(stops) != 1 or None in stops:
             return None
         n = stops.pop()
         tokens = (slice(None), slice(None), slice(None, n))
