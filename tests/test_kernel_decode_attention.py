@@ -403,5 +403,6 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert module.main(flags) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["bits"] for r in rows] == ["K4V2", "K3V2"]
-    assert all(r["kernel_ms"] > 0 and r["sdpa_ms"] > 0 and r["rel_err"] < 1e-5 for r in rows), rows
-    assert "| T | bits | kernel ms |" in capsys.readouterr().out
+    assert all(r["kernel_us"] > 0 and r["sdpa_us"] > 0 and r["rel_err"] < 1e-5 for r in rows), rows
+    assert all(r["mb_read"] > 0 and r["speedup"] == r["sdpa_us"] / r["kernel_us"] for r in rows), rows
+    assert "| shape | batch | T | bits | kernel us |" in capsys.readouterr().out
