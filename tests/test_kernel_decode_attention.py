@@ -387,6 +387,29 @@ def test_generation_on_gpu_runs_the_kernel_and_decodes_like_the_reference(preset
     torch.testing.assert_close(logits["kernel"], logits["reference"], atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.gpu
+def test_reduce_overhead_decode_as_the_first_step_on_gpu(fresh_dynamo, monkeypatch):
+    """A decode step compiled with ``mode="reduce-overhead"`` run as the very first step after the prefill, so that
+    the kernel's device tables are first needed inside Inductor's CUDA-graph warm-up (an H200 run refused the graph
+    when such a table was allocated in the graphs' pool), decodes the same greedy tokens as the eager model."""
+    import sys
+
+    import nqcompile
+    from nqcompile.codec import constants
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import greedy_tokens, tiny_model
+
+    monkeypatch.setattr(constants, "_COPIES", {})  # no table on the GPU yet
+    opts = dict(sink_tokens=4, recent_window=16, warm_tokens=32, min_evict_tokens=0, relax_key_kl=0.0)
+    model = tiny_model("llama").cuda()
+    nqcompile.optimize(model, "quant_only", **opts)
+    ids = torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(2)).cuda()
+    step = torch.compile(model.forward, backend=nqcompile.compile.nexusquant, mode="reduce-overhead", fullgraph=True)
+    compiled = greedy_tokens(model, ids, step, 40)
+    assert compiled == greedy_tokens(model, ids, model.forward, 40)
+
+
 def test_benchmark_smoke(tmp_path, capsys):
     """benchmarks/decode_attention.py --smoke runs (the kernel, the reference and SDPA on tiny CPU shapes) and
     writes its rows; the kernel agrees with the reference there."""

@@ -3,6 +3,13 @@
 A codec's lookup tables live on the CPU; copying one to the GPU at every call would fail inside a CUDA-graph
 capture (a host-to-device copy from pageable memory cannot be captured) and costs a transfer per call anyway.
 :func:`on_device` keeps one copy per (table, device).
+
+A CUDA copy is made on a stream of its own. Inductor's CUDA graphs (``mode="reduce-overhead"``) run each graph
+eagerly once before capturing it, with the allocations of the current stream routed to the graphs' private memory
+pool, which may hold only the graphs' outputs: a table first needed there (a compiled decode step run before any
+eager one) would land in that pool and stay alive in this cache, and Inductor refuses the graph ("Detected 1
+tensor(s) in the cudagraph pool not tracked as outputs", seen on an H200 with torch 2.11). Made on another stream,
+the copy comes from the ordinary pool.
 """
 
 from __future__ import annotations
@@ -26,5 +33,16 @@ def on_device(table: Tensor, device: torch.device | str) -> Tensor:
     key = (id(table), device)
     hit = _COPIES.get(key)
     if hit is None or hit[0]() is not table:  # a new table, or one that reuses a freed table's id
-        hit = _COPIES[key] = (weakref.ref(table), table.to(device))
+        hit = _COPIES[key] = (weakref.ref(table), _copy(table, device))
     return hit[1]
+
+
+def _copy(table: Tensor, device: torch.device) -> Tensor:
+    """``table.to(device)``; for CUDA on a side stream, complete when this returns (module docstring)."""
+    if device.type != "cuda":
+        return table.to(device)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        copy = table.to(device)
+    stream.synchronize()
+    return copy
