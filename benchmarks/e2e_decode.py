@@ -7,6 +7,9 @@ download is needed. For each context length T (``--lengths``) and a random promp
 cache and mode:
 
 * ``bf16 DynamicCache``, eager, ``sdpa`` attention: the baseline;
+* ``bf16 StaticCache``, the decode step compiled by Inductor with ``mode="reduce-overhead"`` (transformers'
+  static cache, ``max_cache_len = T + every decode step``, preallocated for all of them: the fastest uncompressed
+  cache transformers offers for decoding; ``--no-baseline`` skips both baselines);
 * ``NexusCache`` of each preset (``--presets``) after ``nqcompile.optimize(model, preset)``, built with
   ``max_cache_len = T + every decode step run on it``, in mode ``eager`` and ``compiled`` (the same decode
   step under ``torch.compile(backend=--backend, mode=--compile-mode, fullgraph=True)``: by default nqcompile's
@@ -26,8 +29,13 @@ Measured per row:
 * peak GiB: ``torch.cuda.max_memory_allocated()`` over the prefill and this mode's decode steps (reset before
   each row's prefill, and again before each mode; ``-`` on the CPU);
 * the cache's bytes: ``memory_report()`` of a NexusCache after the row's decode (allocated, of which unused
-  preallocated capacity, bf16 bytes of the same tokens, and their ratio); for the DynamicCache the bytes its
-  keys and values hold.
+  preallocated capacity, bf16 bytes of the same tokens, and their ratio); for the DynamicCache and the StaticCache
+  the bytes their keys and values hold (the StaticCache's include its unused capacity);
+* 128K sequences: how many sequences of 131,072 tokens would fit on the card at once with this cache (CUDA only):
+  ``(card memory - weights - workspace) / (131,072 x cache bytes per token)``, rounded down, where the bytes per
+  token are the row's allocated bytes over the tokens it holds (a StaticCache: over its capacity) and the workspace
+  is the row's peak memory less the weights and the cache (the activations of one chunk of prefill and a decode
+  step, needed once when the sequences are prefilled one after another).
 
 A row that fails (out of memory, a compile error) reports the exception's type and first line in its note
 (the JSON keeps the end of the traceback) and the run goes on; the cache is freed between rows. Random weights
@@ -55,7 +63,7 @@ from typing import Callable
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 import nqcompile
 import nqcompile.compile
@@ -68,6 +76,9 @@ from _common import failure as _failure, ints as _ints, markdown, names as _name
 from _common import parse_with_smoke, prefill as _prefill, time_calls, write_json as _write  # noqa: E402
 
 BASELINE = "bf16 DynamicCache"
+STATIC = "bf16 StaticCache"
+#: Tokens of the sequences counted by ``seqs_128k``.
+LONG_SEQUENCE = 131072
 MODES = ("eager", "compiled")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: What ``--smoke`` changes (flags given explicitly still win): a tiny model on the CPU.
@@ -89,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile backend of the compiled rows (default: nexusquant)")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode of the compiled rows (default: reduce-overhead, CUDA graphs)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the bf16 DynamicCache rows")
+    p.add_argument("--no-baseline", action="store_true", help="skip the bf16 DynamicCache and StaticCache rows")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk in tokens")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per row")
     p.add_argument("--warmup", type=int, default=3,
@@ -206,6 +217,51 @@ def baseline_row(model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     return row
 
 
+def static_row(model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The bf16 StaticCache row at ``T = ids.shape[1]``: prefill eager, decode step compiled by Inductor with
+    ``mode="reduce-overhead"`` (``cache_position`` passed, as ``generate`` does, so the step has no data-dependent
+    length)."""
+    T, device = ids.shape[1], ids.device
+    row = {"T": T, "cache": STATIC, "mode": "compiled", "backend": "inductor", "compile_mode": "reduce-overhead"}
+    model.set_attn_implementation("sdpa")
+    capacity = T + 1 + args.warmup + args.steps  # the prompt, the first (compiling) call, the warm-up, the timed steps
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    _reset_peak(device)
+    try:
+        row["prefill_s"] = prefill(model, cache, ids, args.chunk, f"T={T} {STATIC}")
+        kwarg = cache_kwarg_name(model)
+
+        def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=token, position_ids=position, cache_position=position[0], use_cache=True,
+                         logits_to_keep=1, **{kwarg: cache}).logits
+
+        torch.compiler.reset()
+        fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        token, position = ids[:, -1:].clone(), torch.full((1, 1), T, device=device)
+        row.update(time_decode(fn, token, position, warmup=args.warmup, steps=args.steps, compiled=True))
+        row["peak_gib"] = _peak_gib(device)
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        row.update(allocated_mib=kv / MIB, unused_mib=0.0, bf16_mib=kv / MIB, ratio=1.0, capacity_tokens=capacity)
+    except Exception as err:  # noqa: BLE001 - any failure is a result of the row
+        row.update(_failure(err))
+    finally:
+        torch.compiler.reset()
+    return row
+
+
+def seqs_128k(row: dict, model, device: torch.device) -> int | None:
+    """How many :data:`LONG_SEQUENCE`-token sequences fit on the card with the row's cache (module docstring), or
+    None off CUDA or for a failed row."""
+    if device.type != "cuda" or row.get("allocated_mib") is None or row.get("peak_gib") is None:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = row["allocated_mib"] * MIB
+    per_token = cache / row.get("capacity_tokens", row["T"])
+    workspace = max(0.0, row["peak_gib"] * GIB - weights - cache)
+    free = torch.cuda.get_device_properties(device).total_memory - weights - workspace
+    return max(0, int(free // (per_token * LONG_SEQUENCE)))
+
+
 def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace) -> list[dict]:
     """One row per mode in ``args.modes`` for a NexusCache of ``preset`` at ``T = ids.shape[1]``; the modes share
     one prefill and the compiled steps continue the cache after the eager ones."""
@@ -276,19 +332,21 @@ def _note(row: dict, rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table (T, cache, mode, prefill s, decode ms/token, peak GiB, MiB, ratio, note)."""
+    """The rows as a markdown table (T, cache, mode, prefill s, decode ms/token, peak GiB, MiB, ratio, 128K sequences,
+    note)."""
     def num(row: dict, key: str, fmt: str) -> str:
         return "-" if row.get(key) is None else format(row[key], fmt)
 
-    head = ["T", "cache", "mode", "prefill s", "decode ms/token", "peak GiB", "allocated MiB", "ratio vs bf16", "note"]
+    head = ["T", "cache", "mode", "prefill s", "decode ms/token", "peak GiB", "allocated MiB", "ratio vs bf16",
+            "128K seqs", "note"]
     lines = []
     for row in rows:
-        cache = row["cache"] if row["cache"] == BASELINE else f"NexusCache `{row['cache']}`"
+        cache = row["cache"] if row["cache"] in (BASELINE, STATIC) else f"NexusCache `{row['cache']}`"
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
         mode = f"compiled, {row['backend']}, {row['compile_mode']}" if "backend" in row else row["mode"]
         lines.append([f"{row['T']:,}", cache, mode, num(row, "prefill_s", ".2f"),
                       num(row, "decode_ms_per_token", ".2f"), num(row, "peak_gib", ".2f"),
-                      num(row, "allocated_mib", ".1f"), ratio, _note(row, rows)])
+                      num(row, "allocated_mib", ".1f"), ratio, num(row, "seqs_128k", "d"), _note(row, rows)])
     return markdown(head, lines)
 
 
@@ -328,9 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     for T in args.lengths:
         generator = torch.Generator(device=device).manual_seed(args.seed)  # the same prompt whatever ran before
         ids = torch.randint(0, args.vocab, (1, T), device=device, generator=generator)
-        for preset in ([] if args.no_baseline else [None]) + args.presets:
-            new = [baseline_row(model, ids, args)] if preset is None else preset_rows(model, ids, preset, args)
+        for preset in ([] if args.no_baseline else [BASELINE, STATIC]) + args.presets:
+            if preset == BASELINE:
+                new = [baseline_row(model, ids, args)]
+            elif preset == STATIC:
+                new = [static_row(model, ids, args)]
+            else:
+                new = preset_rows(model, ids, preset, args)
             for row in new:
+                row["seqs_128k"] = seqs_128k(row, model, device)
                 rows.append(row)
                 print(_progress(row), flush=True)
                 if "traceback" in row:
