@@ -25,6 +25,7 @@ from nqcompile import ops  # noqa: E402
 from nqcompile.codec.hadamard import hadamard_matrix  # noqa: E402
 from nqcompile.codec.registry import code_for  # noqa: E402
 from nqcompile.kernels import decode_attention as K  # noqa: E402
+from nqcompile.kernels import lattice as L  # noqa: E402
 from nqcompile.ops import cuda as ops_cuda  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -35,7 +36,7 @@ def _codewords_kernel(codes, out, n, ROW_BYTES: tl.constexpr, BITS: tl.constexpr
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = t < n
-    c = K._e8_codewords(codes + t * ROW_BYTES, 1, live, BITS, D, BLOCK_N, BLOCK_D)
+    c = L.e8_codewords(codes + t * ROW_BYTES, 1, live, BITS, D, BLOCK_N, BLOCK_D)
     r = tl.arange(0, BLOCK_D)
     tl.store(out + t[:, None] * D + r[None, :], c, mask=live[:, None] & (r < D)[None, :])
 
@@ -57,7 +58,7 @@ def test_codewords_in_registers_are_the_codecs_bit_for_bit(bits, dim):
     ref = code_for("e8", bits).codewords(codes, dim).reshape(n, dim)
     out = torch.full((n, dim), float("nan"), device=DEVICE)
     _codewords_kernel[(triton.cdiv(n, 32),)](codes.to(DEVICE), out, n, bits * dim // 8, bits, dim, 32,
-                                            K._pow2(dim))
+                                            L.pow2(dim))
     assert torch.equal(out.cpu(), ref)
 
 
@@ -226,6 +227,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nqcompile.kernels import decode_attention as K
+from nqcompile.kernels import lattice as L
 
 POINTERS = dict(q_ptr="*bf16", kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr="*u8", pos_ptr="*i64",
                 hpm_ptr="*fp16", freq_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", cent_ptr="*fp32",
@@ -235,8 +237,8 @@ for group, dim, key_bits, value_bits, by_mask, interleaved in [(1, 64, 4, 2, Fal
                                                               (8, 96, 2, 4, False, False), (8, 256, 4, 2, True, False)]:
     block, warps = K.launch_shape(dim)
     constants = dict(G=group, D=dim, ROTARY=dim, INTERLEAVED=interleaved, KEY_BITS=key_bits, VALUE_BITS=value_bits,
-                     BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=K._pow2(group), BLOCK_D=K._pow2(dim),
-                     BLOCK_P=K._pow2(dim // 2), TWO_PI=K._TWO_PI)
+                     BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=L.pow2(group), BLOCK_D=L.pow2(dim),
+                     BLOCK_P=L.pow2(dim // 2), TWO_PI=K._TWO_PI)
     fn = K._code_split_kernel
     signature = {name: "constexpr" if name in constants else POINTERS.get(name, "fp32" if name in FLOATS else "i32")
                  for name in fn.arg_names}

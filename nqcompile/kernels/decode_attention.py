@@ -54,6 +54,7 @@ from ..codec.hadamard import is_hadamard_order
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
 from ..codec.rope import LAYOUTS
+from .lattice import cos_sin, decode_scales, e8_codewords, pow2
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
            "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
@@ -66,82 +67,6 @@ MAX_GROUP = 64
 
 _LOG2E = math.log2(math.e)
 _TWO_PI = 2.0 * math.pi
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= max(n, 16) (``tl.arange`` sizes; 16: the smallest ``tl.dot`` dimension)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-@triton.jit
-def _d8_nearest(x, j):
-    """Nearest D8 point of each 8-dim block of ``x`` ``[N, NB, 8]`` (``j``: the coordinate index ``[1, 1, 8]``).
-
-    :func:`nqcompile.codec.e8._d8`'s rules: round halves up; if the coordinate sum is odd, re-round the first
-    coordinate of largest rounding error the other way (a zero error rounds up). Exact for the dyadic inputs here.
-    """
-    f = tl.floor(x + 0.5)
-    err = x - f
-    total = tl.sum(f, axis=2)
-    odd = (total - 2.0 * tl.floor(total * 0.5)) != 0.0
-    worst = tl.argmax(tl.abs(err), axis=2, tie_break_left=True)
-    at = j == worst[:, :, None]
-    err_at = tl.sum(tl.where(at, err, 0.0), axis=2)
-    step = tl.where(odd, tl.where(err_at >= 0.0, 1.0, -1.0), 0.0)
-    return f + tl.where(at, step[:, :, None], 0.0)
-
-
-@triton.jit
-def _e8_codewords(row_ptr, byte_stride, live, BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """Codebook representatives (lattice units) of ``BLOCK_N`` packed code rows: float32 ``[BLOCK_N, BLOCK_D]``.
-
-    ``row_ptr`` ``[BLOCK_N]``: pointers to each row's first byte; ``live`` ``[BLOCK_N]`` bool (dead rows and the
-    columns past ``D`` read label 0, whose representative is 0). Per 8-dim block: the ``BITS`` bytes as one
-    little-endian word, labels ``k_j = (word >> j BITS) mod q``, ``y = k G`` (written out as in
-    :func:`nqcompile.codec.lattice._representatives_t`), ``c = y - q e8_nearest(y / q)``.
-    """
-    NB: tl.constexpr = BLOCK_D // 8
-    Q: tl.constexpr = 1 << BITS
-    blk = tl.arange(0, NB)[None, :, None]
-    j = tl.arange(0, 8)[None, None, :]
-    ok = live[:, None, None] & (blk < D // 8)
-    first = row_ptr[:, None, None] + blk * (BITS * byte_stride)
-    word = tl.zeros([BLOCK_N, NB, 1], dtype=tl.int32)
-    for b in tl.static_range(BITS):
-        word = word | (tl.load(first + b * byte_stride, mask=ok, other=0).to(tl.int32) << (8 * b))
-    k = (word >> (j * BITS)) & (Q - 1)
-    k_next = (word >> (tl.minimum(j + 1, 7) * BITS)) & (Q - 1)
-    k7 = ((word >> (7 * BITS)) & (Q - 1)).to(tl.float32)
-    # y_0 = 2 k_0 - k_1 + k_7 / 2; y_j = k_j - k_{j+1} + k_7 / 2 (j = 1..5); y_6 = k_6 + k_7 / 2; y_7 = k_7 / 2.
-    lin = tl.where(j == 0, 2 * k, k) - tl.where(j < 6, k_next, 0)
-    y = tl.where(j == 7, 0, lin).to(tl.float32) + 0.5 * k7
-    x = y * (1.0 / Q)
-    y0 = _d8_nearest(x, j)
-    y1 = _d8_nearest(x - 0.5, j) + 0.5
-    d0 = tl.sum((x - y0) * (x - y0), axis=2)
-    d1 = tl.sum((x - y1) * (x - y1), axis=2)
-    first0 = tl.sum(tl.where(j == 0, y0, 0.0), axis=2)
-    first1 = tl.sum(tl.where(j == 0, y1, 0.0), axis=2)
-    take0 = (d0 < d1) | ((d0 == d1) & (first0 < first1))
-    c = y - Q * tl.where(take0[:, :, None], y0, y1)
-    return tl.reshape(c, [BLOCK_N, BLOCK_D])
-
-
-@triton.jit
-def _scales(ptr, live):
-    """Decoded one-byte log2 scales (:mod:`nqcompile.codec.scales`): 0 for code 0, else ``2 ** ((code - 128) / 16)``."""
-    code = tl.load(ptr, mask=live, other=0).to(tl.float32)
-    return tl.where(code == 0.0, 0.0, tl.exp2((code - 128.0) * 0.0625))
-
-
-@triton.jit
-def _cos_sin(angle, TWO_PI: tl.constexpr):
-    """cos and sin of float32 ``angle`` (any magnitude): reduced to [-pi, pi] in float64 first, so the float32
-    functions (fast approximations on some GPUs) only ever see their accurate range."""
-    a = angle.to(tl.float64)
-    r = (a - TWO_PI * tl.floor(a * (1.0 / TWO_PI) + 0.5)).to(tl.float32)
-    return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
@@ -224,13 +149,13 @@ def _code_split_kernel(
         if BY_MASK:
             live = live & (tl.load(lim_ptr + b * sl_b + t * sl_t, mask=live, other=0) != 0)
         # Keys: x H (halves A, B of the RoPE pairs), de-normalized, rotated.
-        ck = _e8_codewords(kc_ptr + b * skc_b + h * skc_h + t * skc_t, skc_c, live, KEY_BITS, D, BLOCK_N, BLOCK_D)
+        ck = e8_codewords(kc_ptr + b * skc_b + h * skc_h + t * skc_t, skc_c, live, KEY_BITS, D, BLOCK_N, BLOCK_D)
         ck = ck.to(tl.float16)
-        unit = _scales(ks_ptr + b * sks_b + h * sks_h + t * sks_t, live) * key_unit
+        unit = decode_scales(ks_ptr + b * sks_b + h * sks_h + t * sks_t, live) * key_unit
         pre_a = (tl.dot(ck, ha) - mu_a[None, :]) * unit[:, None] * scale_a[None, :] + mean_a[None, :]
         pre_b = (tl.dot(ck, hb) - mu_b[None, :]) * unit[:, None] * scale_b[None, :] + mean_b[None, :]
         pos = tl.load(pos_ptr + b * sp_b + h * sp_h + t * sp_t, mask=live, other=0).to(tl.float32)
-        cos, sin = _cos_sin(pos[:, None] * freq[None, :], TWO_PI)
+        cos, sin = cos_sin(pos[:, None] * freq[None, :], TWO_PI)
         cos = cos * amp[None, :]
         sin = sin * amp[None, :]
         k_a = pre_a * cos - pre_b * sin
@@ -244,8 +169,8 @@ def _code_split_kernel(
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # Values, Hadamard domain: p weighted by gain * scale, times the codewords.
-        cv = _e8_codewords(vc_ptr + b * svc_b + h * svc_h + t * svc_t, svc_c, live, VALUE_BITS, D, BLOCK_N, BLOCK_D)
-        pw = p * (_scales(vs_ptr + b * svs_b + h * svs_h + t * svs_t, live) * value_gain)[None, :]
+        cv = e8_codewords(vc_ptr + b * svc_b + h * svc_h + t * svc_t, svc_c, live, VALUE_BITS, D, BLOCK_N, BLOCK_D)
+        pw = p * (decode_scales(vs_ptr + b * svs_b + h * svs_h + t * svs_t, live) * value_gain)[None, :]
         acc = acc * alpha[:, None] + tl.dot(pw, cv)
         p_sum = p_sum * alpha + tl.sum(pw, axis=1)
         m_i = m_new
@@ -343,8 +268,8 @@ def code_split_partials(
         heads, capacity, split, scaling * _LOG2E, code_for("e8", key_bits).gain / math.sqrt(dim),
         code_for("e8", value_bits).gain, attention_scaling,
         G=q_heads // heads, D=dim, ROTARY=rotary_dim, INTERLEAVED=layout == "interleaved", KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=_pow2(q_heads // heads),
-        BLOCK_D=_pow2(dim), BLOCK_P=_pow2(dim // 2), TWO_PI=_TWO_PI, num_warps=warps,
+        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=pow2(q_heads // heads),
+        BLOCK_D=pow2(dim), BLOCK_P=pow2(dim // 2), TWO_PI=_TWO_PI, num_warps=warps,
     )
 
 

@@ -1,0 +1,90 @@
+"""Triton device functions shared by the kernels: E8 codewords from packed labels, one-byte scales, RoPE angles.
+
+Each is a ``triton.jit`` function called from inside a kernel (never launched on its own). The E8 decode is that of
+:mod:`nqcompile.codec.lattice` (Conway and Sloane 1983, "A fast encoding method for lattice codes and quantizers",
+IEEE Trans. Inf. Theory 29(6); the nearest-point search of Conway and Sloane 1982, section III, with the tie rules
+of :mod:`nqcompile.codec.e8`), bit for bit; the scales those of :mod:`nqcompile.codec.scales`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin"]
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 16) (``tl.arange`` sizes; 16: the smallest ``tl.dot`` dimension)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def d8_nearest(x, j):
+    """Nearest D8 point of each 8-dim block of ``x`` ``[N, NB, 8]`` (``j``: the coordinate index ``[1, 1, 8]``).
+
+    :func:`nqcompile.codec.e8._d8`'s rules: round halves up; if the coordinate sum is odd, re-round the first
+    coordinate of largest rounding error the other way (a zero error rounds up). Exact for the dyadic inputs here.
+    """
+    f = tl.floor(x + 0.5)
+    err = x - f
+    total = tl.sum(f, axis=2)
+    odd = (total - 2.0 * tl.floor(total * 0.5)) != 0.0
+    worst = tl.argmax(tl.abs(err), axis=2, tie_break_left=True)
+    at = j == worst[:, :, None]
+    err_at = tl.sum(tl.where(at, err, 0.0), axis=2)
+    step = tl.where(odd, tl.where(err_at >= 0.0, 1.0, -1.0), 0.0)
+    return f + tl.where(at, step[:, :, None], 0.0)
+
+
+@triton.jit
+def e8_codewords(row_ptr, byte_stride, live, BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Codebook representatives (lattice units) of ``BLOCK_N`` packed code rows: float32 ``[BLOCK_N, BLOCK_D]``.
+
+    ``row_ptr`` ``[BLOCK_N]``: pointers to each row's first byte; ``live`` ``[BLOCK_N]`` bool (dead rows and the
+    columns past ``D`` read label 0, whose representative is 0). Per 8-dim block: the ``BITS`` bytes as one
+    little-endian word, labels ``k_j = (word >> j BITS) mod q``, ``y = k G`` (written out as in
+    :func:`nqcompile.codec.lattice._representatives_t`), ``c = y - q e8_nearest(y / q)``.
+    """
+    NB: tl.constexpr = BLOCK_D // 8
+    Q: tl.constexpr = 1 << BITS
+    blk = tl.arange(0, NB)[None, :, None]
+    j = tl.arange(0, 8)[None, None, :]
+    ok = live[:, None, None] & (blk < D // 8)
+    first = row_ptr[:, None, None] + blk * (BITS * byte_stride)
+    word = tl.zeros([BLOCK_N, NB, 1], dtype=tl.int32)
+    for b in tl.static_range(BITS):
+        word = word | (tl.load(first + b * byte_stride, mask=ok, other=0).to(tl.int32) << (8 * b))
+    k = (word >> (j * BITS)) & (Q - 1)
+    k_next = (word >> (tl.minimum(j + 1, 7) * BITS)) & (Q - 1)
+    k7 = ((word >> (7 * BITS)) & (Q - 1)).to(tl.float32)
+    # y_0 = 2 k_0 - k_1 + k_7 / 2; y_j = k_j - k_{j+1} + k_7 / 2 (j = 1..5); y_6 = k_6 + k_7 / 2; y_7 = k_7 / 2.
+    lin = tl.where(j == 0, 2 * k, k) - tl.where(j < 6, k_next, 0)
+    y = tl.where(j == 7, 0, lin).to(tl.float32) + 0.5 * k7
+    x = y * (1.0 / Q)
+    y0 = d8_nearest(x, j)
+    y1 = d8_nearest(x - 0.5, j) + 0.5
+    d0 = tl.sum((x - y0) * (x - y0), axis=2)
+    d1 = tl.sum((x - y1) * (x - y1), axis=2)
+    first0 = tl.sum(tl.where(j == 0, y0, 0.0), axis=2)
+    first1 = tl.sum(tl.where(j == 0, y1, 0.0), axis=2)
+    take0 = (d0 < d1) | ((d0 == d1) & (first0 < first1))
+    c = y - Q * tl.where(take0[:, :, None], y0, y1)
+    return tl.reshape(c, [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def decode_scales(ptr, live):
+    """Decoded one-byte log2 scales (:mod:`nqcompile.codec.scales`): 0 for code 0, else ``2 ** ((code - 128) / 16)``."""
+    code = tl.load(ptr, mask=live, other=0).to(tl.float32)
+    return tl.where(code == 0.0, 0.0, tl.exp2((code - 128.0) * 0.0625))
+
+
+@triton.jit
+def cos_sin(angle, TWO_PI: tl.constexpr):
+    """cos and sin of float32 ``angle`` (any magnitude): reduced to [-pi, pi] in float64 first, so the float32
+    functions (fast approximations on some GPUs) only ever see their accurate range."""
+    a = angle.to(tl.float64)
+    r = (a - TWO_PI * tl.floor(a * (1.0 / TWO_PI) + 0.5)).to(tl.float32)
+    return tl.cos(r), tl.sin(r)
