@@ -6,6 +6,7 @@ implementation on CPU and for any shape a kernel does not cover (:mod:`nqcompile
 
 Modules (importing one imports Triton, an optional dependency: ``pip install nqcompile[triton]``):
     :mod:`.decode_attention`  ``nqcompile::e8_decode_attention``: split-K decode attention over E8 codes.
+    :mod:`.dequant_kv`        ``nqcompile::e8_dequant_kv``: E8 codes back to float keys and values.
     :mod:`.lattice`           device functions the kernels share (E8 codewords, scales, RoPE angles).
 
 On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before the

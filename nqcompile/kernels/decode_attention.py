@@ -49,12 +49,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..codec.constants import on_device
 from ..codec.hadamard import is_hadamard_order
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
 from ..codec.rope import LAYOUTS
-from .lattice import cos_sin, decode_scales, e8_codewords, pow2
+from .lattice import centroid_table, cos_sin, decode_scales, e8_codewords, pow2
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
            "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
@@ -183,16 +182,6 @@ def _code_split_kernel(
     stats = b * sm_b + (h * G + g) * sm_h + split * sm_s
     tl.store(m_ptr + stats, m_i, mask=g < G)
     tl.store(l_ptr + stats, l_i, mask=g < G)
-
-
-_CENTROIDS = torch.stack([code_for("e8", bits).shift for bits in E8_BITS]).float()
-
-
-def centroid_table(device: torch.device | str) -> torch.Tensor:
-    """The E8 codebooks' centroids (:class:`~nqcompile.codec.lattice.E8LatticeCode` ``shift``), one row per bit
-    width of :data:`~nqcompile.codec.lattice.E8_BITS` (2, 3, 4): float32 ``[3, 8]`` on ``device``, built once per
-    device (an input of :func:`e8_decode_attention`, so the op itself creates no constant)."""
-    return on_device(_CENTROIDS, device)
 
 
 def launch_shape(dim: int) -> tuple[int, int]:

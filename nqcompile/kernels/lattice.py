@@ -1,6 +1,7 @@
 """Triton device functions shared by the kernels: E8 codewords from packed labels, one-byte scales, RoPE angles.
 
-Each is a ``triton.jit`` function called from inside a kernel (never launched on its own). The E8 decode is that of
+Each is a ``triton.jit`` function called from inside a kernel (never launched on its own), except
+:func:`centroid_table`, the codebooks' centroids the kernels take as an input. The E8 decode is that of
 :mod:`nqcompile.codec.lattice` (Conway and Sloane 1983, "A fast encoding method for lattice codes and quantizers",
 IEEE Trans. Inf. Theory 29(6); the nearest-point search of Conway and Sloane 1982, section III, with the tie rules
 of :mod:`nqcompile.codec.e8`), bit for bit; the scales those of :mod:`nqcompile.codec.scales`.
@@ -8,10 +9,15 @@ of :mod:`nqcompile.codec.e8`), bit for bit; the scales those of :mod:`nqcompile.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin"]
+from ..codec.constants import on_device
+from ..codec.lattice import E8_BITS
+from ..codec.registry import code_for
+
+__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin", "centroid_table"]
 
 
 def pow2(n: int) -> int:
@@ -88,3 +94,13 @@ def cos_sin(angle, TWO_PI: tl.constexpr):
     a = angle.to(tl.float64)
     r = (a - TWO_PI * tl.floor(a * (1.0 / TWO_PI) + 0.5)).to(tl.float32)
     return tl.cos(r), tl.sin(r)
+
+
+_CENTROIDS = torch.stack([code_for("e8", bits).shift for bits in E8_BITS]).float()
+
+
+def centroid_table(device: torch.device | str) -> torch.Tensor:
+    """The E8 codebooks' centroids (:class:`~nqcompile.codec.lattice.E8LatticeCode` ``shift``), one row per bit
+    width of :data:`~nqcompile.codec.lattice.E8_BITS` (2, 3, 4): float32 ``[3, 8]`` on ``device``, built once per
+    device (an input of the kernels' ops, so the ops themselves create no constant)."""
+    return on_device(_CENTROIDS, device)

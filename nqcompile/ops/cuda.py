@@ -1,5 +1,5 @@
-"""CUDA implementations of ``nqcompile::dequant_attention`` and ``nqcompile::cache_attention``: the Triton decode
-kernel where it applies, the torch reference everywhere else.
+"""CUDA implementations of ``nqcompile::dequant_attention``, ``nqcompile::cache_attention`` and
+``nqcompile::dequant_kv``: the Triton kernels where they apply, the torch reference everywhere else.
 
 A call runs :func:`nqcompile.kernels.decode_attention.e8_decode_attention` when :func:`decode_kernel_reason` finds
 nothing against it: one query per sequence (a decode step), E8 codes at bit widths the codec offers, a head
@@ -7,6 +7,10 @@ dimension with a ``±1`` Hadamard matrix up to the kernel's maximum, a float16/b
 installed. Every other call (prefill chunks, per-query code lengths, scalar codecs, exact storage, float64
 queries...) runs the same torch reference as the CPU. The choice reads shapes, dtypes and static arguments only, so
 it never synchronizes with the device and never changes between two calls of the same shapes.
+
+``dequant_kv`` (the warm tier decoded to float, eager decode steps and flushes) runs
+:func:`nqcompile.kernels.dequant_kv.e8_dequant_kv` for E8 codes with a ``±1`` Hadamard matrix
+(:func:`dequant_kernel_reason`).
 
 The CPU implementations are the ops' own (the torch reference); these are registered for ``"cuda"`` only.
 """
@@ -20,9 +24,10 @@ from typing import Optional
 import torch
 
 from .fused import cache_attention, cache_attention_reference
-from .reference import _attention, dequant_attention, write_kv
+from .reference import _attention, _decode, dequant_attention, dequant_kv, write_kv
 
-__all__ = ["decode_kernel_reason", "dequant_attention_cuda", "cache_attention_cuda"]
+__all__ = ["decode_kernel_reason", "dequant_kernel_reason", "dequant_attention_cuda", "cache_attention_cuda",
+           "dequant_kv_cuda"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,6 +38,41 @@ def _kernel():
     from ..kernels import decode_attention
 
     return decode_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_kernel():
+    """The dequant kernel module (imported on first use), or None without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from ..kernels import dequant_kv as module
+
+    return module
+
+
+def dequant_kernel_reason(k_codes: torch.Tensor, kind: str, bits: tuple[int, int], dim: int, rotary_dim: int,
+                          layout: str, inv_freq: torch.Tensor) -> Optional[str]:
+    """Why a ``dequant_kv`` call runs the torch reference rather than the Triton dequant kernel, or None if it runs
+    the kernel (:func:`nqcompile.kernels.dequant_kv.unsupported_reason`, or Triton missing)."""
+    kernel = _dequant_kernel()
+    if kernel is None:
+        return "Triton is not installed"
+    return kernel.unsupported_reason(k_codes, kind, bits, dim, rotary_dim, layout, inv_freq)
+
+
+def dequant_kv_cuda(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind,
+                    key_bits, value_bits, attention_scaling, rotary_dim, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nqcompile::dequant_kv`` on CUDA (arguments and result as :func:`~nqcompile.ops.reference.dequant_kv`): the
+    dequant kernel, else the torch reference."""
+    if dequant_kernel_reason(k_codes, kind, (key_bits, value_bits), hadamard.shape[0], rotary_dim, layout,
+                             inv_freq) is None:
+        from ..kernels.lattice import centroid_table
+
+        return _dequant_kernel().e8_dequant_kv(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq,
+                                               norm_mean, norm_scale, centroid_table(k_codes.device), key_bits,
+                                               value_bits, attention_scaling, rotary_dim, layout)
+    return _decode(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind,
+                   key_bits, value_bits, attention_scaling, rotary_dim, layout)
 
 
 def decode_kernel_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tensor, exact_mask: torch.Tensor,
@@ -103,3 +143,4 @@ def cache_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, 
 
 dequant_attention.register_kernel("cuda")(dequant_attention_cuda)
 cache_attention.register_kernel("cuda")(cache_attention_cuda)
+dequant_kv.register_kernel("cuda")(dequant_kv_cuda)
