@@ -116,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the benchmark's command line (see ``--help``); ``--smoke`` changes the defaults to :data:`SMOKE`.
 
-    Adds ``args.caches``: ``{name: Preset}`` of ``--presets`` then ``--custom``, with ``--compress-layers`` applied.
+    Adds ``args.caches``: ``{name: Preset}`` of ``--presets`` then ``--custom``, with ``--compress-layers`` applied;
+    and ``args.command``, the command line (``argv`` defaults to ``sys.argv[1:]``).
     Unknown presets or genres, a taken or invalid ``--custom`` name or field, depths outside [0, 1] and non-positive
     sizes are usage errors (exit status 2).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     args = parse_with_smoke(p, argv, SMOKE)
+    args.command = shlex.join(["python", "benchmarks/quality.py", *argv])
     if [g for g in args.genres if g not in GENRES] or not args.genres and args.windows:
         p.error(f"--genres {','.join(args.genres)!r}: choose among {list(GENRES)}")
     if not args.models:
@@ -145,11 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def byte_level_tokenizer():
-    """A byte-level BPE tokenizer without merges (token id = byte, 256 ids) and no special tokens: the ``--smoke``
-    models' tokenizer, built without any download."""
+    """A byte-level BPE tokenizer without merges (one token per byte, 256 ids, numbered in the sorted order of the
+    byte-level alphabet so that every build gives the same ids) and no special tokens: the ``--smoke`` models'
+    tokenizer, built without any download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet(): a set
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -312,14 +316,10 @@ def markdown_table(results: dict, args: argparse.Namespace) -> str:
     return markdown(head, rows)
 
 
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-
-
 def _meta(args: argparse.Namespace) -> dict:
     return {
-        "command": _command_line(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "caches"},
+        "command": args.command,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("caches", "command")},
         "caches": {name: preset.to_dict() for name, preset in args.caches.items()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("Cells: perplexity change in % (mean over windows; overall: over all windows, [95% bootstrap interval]) / "
           "change of mean log-likelihood in nats per token (negative: worse); the exact row gives the perplexity.")
-    print(f"command: {_command_line()}")
+    print(f"command: {args.command}")
     models = "; ".join(f"{name}: {r['description']}, {r['seconds']:.0f} s" for name, r in results.items())
     print(f"models: {models}; {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {args.threads or threads} threads; windows: {args.windows} per genre x "

@@ -81,12 +81,13 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }
 
 
 def byte_tokenizer(*, bos: bool = False, chat_template: str | None = None):
-    """A byte-level tokenizer (one token per byte, ids 0-255, built without download); with ``bos`` it has a
+    """A byte-level tokenizer (one token per byte, ids 0-255 in the sorted order of the byte-level alphabet, the same
+    in every build; no download); with ``bos`` it has a
     ``<bos>`` special token (id 256) that it puts before every text when it adds special tokens, as Gemma's does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet(): a set
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
