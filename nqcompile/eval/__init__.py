@@ -6,11 +6,14 @@ compressed at the end of it, and everything after it goes through the cache as g
 
 from nqcompile.eval.needle import NeedleCase, NeedleResults, NeedleTrial, build_needle_case, needle_recall, run_needle_case
 from nqcompile.eval.perplexity import (
+    GENRES,
     BootstrapCI,
     Window,
     WindowResult,
     bootstrap_ci,
     continuation_nll,
+    leading_special_ids,
+    loglik_change,
     perplexity,
     perplexity_windows,
     ppl_change_percent,
@@ -20,6 +23,7 @@ from nqcompile.eval.perplexity import (
 )
 
 __all__ = [
+    "GENRES",
     "BootstrapCI",
     "NeedleCase",
     "NeedleResults",
@@ -29,6 +33,8 @@ __all__ = [
     "bootstrap_ci",
     "build_needle_case",
     "continuation_nll",
+    "leading_special_ids",
+    "loglik_change",
     "needle_recall",
     "perplexity",
     "perplexity_windows",

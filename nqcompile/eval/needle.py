@@ -4,8 +4,9 @@ A random 7-digit needle sentence is inserted at depth ``d`` (0 = start, 1 = end 
 passage of Austen, inside one user turn of the model's chat template, followed by a question. The chat
 string is built once and split token-wise into
 
-* the context chunk: everything up to the end of the haystack (about ``length`` tokens), fed first, so a
-  compressed cache compresses it at the end of the chunk BEFORE the question is seen;
+* the context chunk: everything up to the end of the haystack (about ``length`` tokens), after the special tokens the
+  tokenizer puts before a text (Gemma's ``<bos>``; none where the chat template writes them or the tokenizer adds
+  none), fed first, so a compressed cache compresses it at the end of the chunk BEFORE the question is seen;
 * the question chunk: the question, the end of the user turn, the assistant prefix of the chat template
   and a short answer prefix, fed as a second chunk through the same cache;
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from nqcompile.eval.perplexity import NOVELS, read_data_text
+from nqcompile.eval.perplexity import NOVELS, leading_special_ids, read_data_text, tokenize_text
 from nqcompile.models import cache_kwarg_name
 
 __all__ = ["NeedleCase", "build_needle_case", "NeedleTrial", "NeedleResults", "run_needle_case", "needle_recall"]
@@ -40,7 +41,8 @@ class NeedleCase:
     """One haystack with its needle, tokenized and split into the two chunks.
 
     Attributes:
-        context_ids: ``(1, Lc)`` int64, the context chunk (chat prefix + haystack with the needle).
+        context_ids: ``(1, Lc)`` int64, the context chunk (leading special tokens + chat prefix + haystack with the
+            needle).
         question_ids: ``(1, Lq)`` int64, the question chunk (question, end of turn, assistant prefix).
         needle: the 7 digits, as a string.
         depth: the requested depth in [0, 1].
@@ -107,7 +109,7 @@ def build_needle_case(
 
     Args:
         tokenizer: a HuggingFace tokenizer with a chat template (or none: then plain text is used).
-        length: target length of the context chunk in tokens (chat prefix + haystack).
+        length: target length of the context chunk in tokens (leading special tokens + chat prefix + haystack).
         depth: where the needle goes, 0.0 (start of the haystack) to 1.0 (end).
         number: the needle, 1,000,000 to 9,999,999.
         source: novel file in ``nqcompile/data/`` the haystack is cut from.
@@ -123,8 +125,6 @@ def build_needle_case(
         ValueError: ``depth`` outside [0, 1], a number that is not 7 digits, a length too small for the
             template, or a novel too short for ``start + length``.
     """
-    from nqcompile.eval.perplexity import tokenize_text
-
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     if not 1_000_000 <= number <= 9_999_999:
@@ -149,7 +149,10 @@ def build_needle_case(
         return s.replace(marker_q, QUESTION), hay_at, q_at
 
     empty, _, q_empty = chat("")
-    overhead = len(tokenize_text(tokenizer, empty[:q_empty])) + len(tokenize_text(tokenizer, " " + needle))
+    lead = leading_special_ids(tokenizer)
+    if tokenize_text(tokenizer, empty)[: len(lead)] == lead:
+        lead = []  # the chat template writes them itself
+    overhead = len(lead) + len(tokenize_text(tokenizer, empty[:q_empty])) + len(tokenize_text(tokenizer, " " + needle))
     n_hay = length - overhead
     if n_hay < 16:
         raise ValueError(f"length {length} leaves only {n_hay} haystack tokens")
@@ -171,17 +174,18 @@ def build_needle_case(
         split = bisect.bisect_left(starts, q_at)
         if split >= len(starts) or starts[split] != q_at:
             raise RuntimeError("the question does not start at a token boundary; change QUESTION or the template")
-        if split == length:
+        if len(lead) + split == length:
             break
-        n_hay += length - split
-    ids = enc["input_ids"]
+        n_hay += length - len(lead) - split
+    ids = lead + enc["input_ids"]
+    split += len(lead)
     needle_at = hay_at + len(before)
 
     ends = [e for _, e in enc["offset_mapping"]]
 
     def tok_at(char: int) -> int:
-        """Index of the first token ending after ``char``."""
-        return bisect.bisect_right(ends, char)
+        """Index in ``ids`` of the first token ending after ``char``."""
+        return len(lead) + bisect.bisect_right(ends, char)
 
     hay_end = tok_at(hay_at + len(doc) - 1) + 1
     return NeedleCase(
@@ -306,8 +310,6 @@ def needle_recall(
     Returns:
         :class:`NeedleResults`.
     """
-    from nqcompile.eval.perplexity import tokenize_text
-
     sizes = {name: len(tokenize_text(tokenizer, read_data_text(name))) for name in NOVELS}
     trials = []
     pairs = [(n, d) for n in lengths for d in depths]

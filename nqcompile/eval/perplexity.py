@@ -8,8 +8,11 @@ chunk), then run the continuation through the same cache as decode steps (teache
 of the continuation's tokens. The first continuation token is predicted by the prefill's last logits, so
 ``continuation`` tokens are scored. The baseline is the same with ``DynamicCache()``.
 
-Windows come from the public-domain Austen novels vendored in ``nqcompile/data/``; they are chosen
-deterministically from non-overlapping slots by a seeded generator.
+Windows come from the texts vendored in ``nqcompile/data/``, by genre (:data:`GENRES`: Austen's novels, the Python
+Language Reference, Python source code; ``nqcompile/data/README.md`` gives their sources and licences); they are
+chosen deterministically from non-overlapping slots by a seeded generator. A window starts with the special tokens the
+tokenizer puts before a text (:func:`leading_special_ids`: Gemma's ``<bos>``, nothing for SmolLM2), as the model saw
+texts start in training.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from nqcompile.models import cache_kwarg_name
 
 __all__ = [
     "DATA_DIR",
+    "GENRES",
     "NOVELS",
     "read_data_text",
     "tokenize_text",
+    "leading_special_ids",
     "Window",
     "perplexity_windows",
     "window_nll",
@@ -40,13 +45,21 @@ __all__ = [
     "run_windows",
     "perplexity",
     "ppl_change_percent",
+    "loglik_change",
     "BootstrapCI",
     "bootstrap_ci",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-#: Novels (files in ``DATA_DIR``) that perplexity windows and needle haystacks are drawn from.
-NOVELS = ("persuasion.txt", "northanger_abbey.txt")
+#: The vendored texts (files in ``DATA_DIR``) perplexity windows are drawn from, by genre: literary prose (Austen),
+#: technical reference text (the Python Language Reference) and source code (Python's ``argparse`` module).
+GENRES = {
+    "prose": ("persuasion.txt", "northanger_abbey.txt"),
+    "technical": ("python_reference.txt",),
+    "code": ("argparse.py.txt",),
+}
+#: Novels (files in ``DATA_DIR``) that prose windows and needle haystacks are drawn from.
+NOVELS = GENRES["prose"]
 
 
 def read_data_text(name: str) -> str:
@@ -70,13 +83,31 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The token ids a tokenizer puts before a text when it adds special tokens (``[bos]`` for Gemma, ``[]`` for
+    SmolLM2, whose tokenizer adds none), read from how it encodes ``"a"`` with and without them.
+
+    Returns:
+        The ids, a ``list[int]`` (empty when it adds nothing in front).
+
+    Raises:
+        ValueError: the text's own tokens are not found among those it encodes with special tokens.
+    """
+    bare = tokenize_text(tokenizer, "a")
+    full = list(tokenizer("a", verbose=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i]
+    raise ValueError(f"the tokenizer encodes 'a' as {bare} without special tokens but {full} with them")
+
+
 @dataclass(frozen=True)
 class Window:
     """One perplexity window.
 
     Attributes:
-        source: file name of the novel it comes from.
-        start: index of its first token in that novel's token sequence.
+        source: file name of the text it comes from.
+        start: index of its first text token in that text's token sequence (after the leading special tokens).
         prefix: number of prefill tokens (the rest is the continuation).
         input_ids: ``(1, prefix + continuation)`` int64 token ids, on the CPU.
     """
@@ -99,13 +130,15 @@ def perplexity_windows(
     prefix: int = 3584,
     continuation: int = 512,
     seed: int = 0,
-    novels: Sequence[str] = NOVELS,
+    sources: Sequence[str] = NOVELS,
 ) -> list[Window]:
-    """Draw ``n_windows`` deterministic token windows from the vendored novels.
+    """Draw ``n_windows`` deterministic token windows from vendored texts (by default the novels).
 
-    Each novel is tokenized whole (no special tokens) and cut into non-overlapping slots of
-    ``prefix + continuation`` tokens; ``n_windows`` slots are drawn without replacement by
-    ``numpy.random.default_rng(seed)`` and returned sorted by (novel order, start).
+    Each text is tokenized whole (no special tokens) and cut into non-overlapping slots of
+    ``prefix + continuation - len(lead)`` tokens, where ``lead`` is :func:`leading_special_ids`; ``n_windows``
+    slots are drawn without replacement by ``numpy.random.default_rng(seed)`` and returned sorted by (text order,
+    start), each as ``lead`` followed by the slot's tokens. The lead counts in the prefix, so every window has
+    ``prefix + continuation`` tokens and scores ``continuation`` of them.
 
     Args:
         tokenizer: a HuggingFace tokenizer.
@@ -113,27 +146,31 @@ def perplexity_windows(
         prefix: prefill length P in tokens (>= 1).
         continuation: scored continuation length C in tokens (>= 1).
         seed: seed of the slot draw; same seed and tokenizer give the same windows.
-        novels: file names in ``nqcompile/data/``.
+        sources: file names in ``nqcompile/data/`` (a genre's: ``GENRES[genre]``).
 
     Returns:
         A list of :class:`Window`, each with ``input_ids`` of shape ``(1, prefix + continuation)``.
 
     Raises:
-        ValueError: non-positive sizes, or more windows asked for than the novels hold.
+        ValueError: non-positive sizes, a prefix no longer than the lead, or more windows asked for than the texts
+            hold.
     """
-    if n_windows < 1 or prefix < 1 or continuation < 1:
-        raise ValueError(f"n_windows, prefix and continuation must be >= 1, got {n_windows}, {prefix}, {continuation}")
-    span = prefix + continuation
-    token_lists = {name: tokenize_text(tokenizer, read_data_text(name)) for name in novels}
-    slots = [(name, start) for name in novels for start in range(0, len(token_lists[name]) - span + 1, span)]
+    lead = leading_special_ids(tokenizer)
+    if n_windows < 1 or prefix <= len(lead) or continuation < 1:
+        raise ValueError(f"n_windows, prefix - {len(lead)} (the tokenizer's leading special tokens) and continuation "
+                         f"must be >= 1, got {n_windows}, {prefix}, {continuation}")
+    span = prefix + continuation - len(lead)
+    token_lists = {name: tokenize_text(tokenizer, read_data_text(name)) for name in sources}
+    slots = [(name, start) for name in sources for start in range(0, len(token_lists[name]) - span + 1, span)]
     if n_windows > len(slots):
-        raise ValueError(f"asked for {n_windows} windows of {span} tokens but the novels hold only {len(slots)}")
+        raise ValueError(f"asked for {n_windows} windows of {span} tokens but {', '.join(sources)} hold only "
+                         f"{len(slots)}")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(slots), size=n_windows, replace=False).tolist())
     windows = []
     for i in chosen:
         name, start = slots[i]
-        ids = torch.tensor([token_lists[name][start : start + span]], dtype=torch.long)
+        ids = torch.tensor([lead + token_lists[name][start : start + span]], dtype=torch.long)
         windows.append(Window(source=name, start=start, prefix=prefix, input_ids=ids))
     return windows
 
@@ -292,6 +329,16 @@ def ppl_change_percent(nll_sum: float, baseline_nll_sum: float, n_tokens: int) -
     ``100 * (exp((nll_sum - baseline_nll_sum) / n_tokens) - 1)``; positive means worse than the baseline.
     """
     return 100.0 * math.expm1((nll_sum - baseline_nll_sum) / n_tokens)
+
+
+def loglik_change(nll_sum: float, baseline_nll_sum: float, n_tokens: int) -> float:
+    """Change of the mean log-likelihood per token, in nats, of a run against a baseline on the same tokens.
+
+    ``(baseline_nll_sum - nll_sum) / n_tokens``; negative means worse than the baseline. It equals
+    ``-log(1 + ppl_change_percent / 100)``: the same comparison on an additive scale (nats per token), which reads
+    alike on texts of very different perplexity (source code against prose).
+    """
+    return (baseline_nll_sum - nll_sum) / n_tokens
 
 
 @dataclass(frozen=True)
