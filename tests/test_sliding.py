@@ -154,3 +154,23 @@ def test_the_bf16_reference_is_what_a_bf16_dynamic_cache_holds(compress_layers):
     window_layer = (WINDOW - 1) * 2 * 1 * 64 * 2 * 2  # tokens x batch x KV heads x head_dim x bf16 x (keys, values)
     assert held == 5 * window_layer + (PREFILL + 3) * 2 * 64 * 2 * 2
     assert cache.memory_report().bf16_bytes == held
+
+
+def test_compress_kv_cache_of_a_hybrid_dynamic_cache_continues_as_it():
+    """``compress_kv_cache`` takes a hybrid DynamicCache's sliding layers (their last window - 1 tokens) and full
+    layers; with exact storage, decode steps from it give the DynamicCache's logits."""
+    model = nqcompile.optimize(_gemma(), "asym", **EXACT, recent_window=16)
+    ids = _ids(PREFILL + 10)
+    kw = cache_kwarg_name(model)
+    dyn = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :PREFILL], **{kw: dyn})
+        cache = nqcompile.compress_kv_cache(dyn, "asym", config=model.config, max_cache_len=PREFILL + 10, **EXACT,
+                                            recent_window=16)
+        assert [layer.physical_tokens() for layer in cache.layers] == \
+            [WINDOW - 1] * 5 + [PREFILL]
+        for t in range(PREFILL, PREFILL + 10):
+            position = torch.tensor([[t]])
+            ref = model(ids[:, t:t + 1], position_ids=position, **{kw: dyn}).logits
+            got = model(ids[:, t:t + 1], position_ids=position, **{kw: cache}).logits
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

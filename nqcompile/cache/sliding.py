@@ -34,12 +34,13 @@ import torch
 
 from .. import ops
 from ..ops.layout import BLOCK_TOKENS, round_up_to_block
+from ..models.rope_spec import RotarySpec
 from ..presets import Preset
-from .compress import _relax_key_bits, _set_norm
+from .compress import relax_key_bits, set_norm
 from .layer import NexusLayer
 from .storage import LayerStorage, first_slots, ordered_index, take_slots
 
-__all__ = ["SlidingLayer", "ring_capacity", "ring_steps"]
+__all__ = ["SlidingLayer", "chunk_attention", "relayout", "ring_capacity", "ring_steps"]
 
 _CODE_BUFFERS = ("k_codes", "k_scales", "v_codes", "v_scales")
 
@@ -265,7 +266,8 @@ class SlidingLayer(NexusLayer):
 
     is_sliding = True
 
-    def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, window: int, rotary, max_cache_len: int | None):
+    def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, window: int, rotary: RotarySpec,
+                 max_cache_len: int | None):
         if window < 1:
             raise ValueError(f"sliding_window={window} must be >= 1")
         super().__init__(preset=preset.replace(sink_tokens=0, warm_tokens=0), bits=bits, eviction_ratio=0.0,
@@ -314,13 +316,13 @@ class SlidingLayer(NexusLayer):
         is_win = visible & (visible.cumsum(1) > (n_vis - n_win)[:, None])
         coded = visible & ~is_win
         if self.chunks == 0:
-            _set_norm(st, pk, pv, ppos, preal)
+            set_norm(st, pk, pv, ppos, preal)
             if self.policy.relaxable:  # the trial's keys: those its last query sees
                 width = pk.shape[2]
                 time = torch.arange(width, device=st.device)
                 q_real = real[:, real.shape[1] - query.shape[2]:]
                 qtime = torch.where(q_real, time[width - query.shape[2]:][None], -1)
-                self.key_kl = _relax_key_bits(st, self.preset, query, pk, ppos, coded, qtime,
+                self.key_kl = relax_key_bits(st, self.preset, query, pk, ppos, coded, qtime,
                                               time[None].expand_as(preal), visible, scaling)
         count = coded.sum(1)
         index = ordered_index(coded, int(count.max()))
