@@ -174,3 +174,30 @@ def test_compress_kv_cache_of_a_hybrid_dynamic_cache_continues_as_it():
             ref = model(ids[:, t:t + 1], position_ids=position, **{kw: dyn}).logits
             got = model(ids[:, t:t + 1], position_ids=position, **{kw: cache}).logits
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_the_decode_kernel_takes_a_sliding_decode_step(monkeypatch):
+    """The attention call of a sliding layer's decode step (no code slot; the ring decoded into the exact segment)
+    is one the Triton decode kernel runs (on CPU under Triton's interpreter), with the torch reference's output."""
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from nqcompile.ops import cuda as ops_cuda
+    from nqcompile.cache import sliding
+
+    small = dict(recent_window=16, warm_tokens=16)  # the full-attention layer then passes code slots
+    model = nqcompile.optimize(_gemma(), "asym", **small)
+    kw = cache_kwarg_name(model)
+    cache = nqcompile.NexusCache(model.config, "asym", max_cache_len=PREFILL + 1, **small)
+    calls = []
+    original = sliding.ops.dequant_attention
+    with torch.no_grad():
+        model(_ids(PREFILL), **{kw: cache})
+        monkeypatch.setattr(sliding.ops, "dequant_attention", lambda *a: calls.append(a) or original(*a))  # every layer
+        model(_ids(1), position_ids=torch.tensor([[PREFILL]]), **{kw: cache})
+    calls = [args for args in calls if args[1].shape[2] == 0]
+    assert len(calls) == 5
+    for args in calls:
+        query, k_codes, code_len, exact_mask = args[0], args[1], args[6], args[9]
+        kind, bits, rotary_dim, layout, inv_freq = args[14], args[15:17], args[18], args[19], args[11]
+        assert ops_cuda.decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind, bits, rotary_dim,
+                                             layout, inv_freq) is None
+        torch.testing.assert_close(ops_cuda.dequant_attention_cuda(*args), original(*args), atol=1e-4, rtol=0)
