@@ -81,8 +81,9 @@ def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict
                                   "their window")
 
 
-#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen, window)``. Every layer of a forward gets
-#: the same mask, which is checked once; entries of masks freed since are dropped at the next insertion.
+#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen, window)``. Every layer of a forward
+#: (of one layer type) gets the same mask, which is checked once; entries of masks freed since are dropped at the next
+#: insertion.
 _CAUSAL_CHECKED: dict[int, tuple[weakref.ref, int, int | None]] = {}
 
 
@@ -139,9 +140,8 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         NotImplementedError: logit soft-capping (``softcap``), learned sink logits (``s_aux`` / ``sinks``) or a
             position bias, on any layer; on a compressed layer, anything else it would ignore:
             ``output_attentions=True``, dropout, a non-causal module, a ``sliding_window`` other than the layer's
-            (or any, shorter than ``max_cache_len``, on a full-attention layer), or a mask that is not causal (within the
-            layer's window) over the new tokens (checked on multi-token inputs outside
-            ``torch.compile``).
+            (or any, shorter than ``max_cache_len``, on a full-attention layer), or a mask that is not causal (within
+            the layer's window) over the new tokens (checked on multi-token inputs outside ``torch.compile``).
         RuntimeError: gradients enabled on a compressed layer (inference only: use ``torch.no_grad()``).
     """
     if CACHE_KWARG not in kwargs:

@@ -201,3 +201,20 @@ def test_the_decode_kernel_takes_a_sliding_decode_step(monkeypatch):
         assert ops_cuda.decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind, bits, rotary_dim,
                                              layout, inv_freq) is None
         torch.testing.assert_close(ops_cuda.dequant_attention_cuda(*args), original(*args), atol=1e-4, rtol=0)
+
+
+def test_a_left_padded_batch_matches_a_dynamic_cache():
+    """Rows of 70 and 45 real tokens (the second left-padded), both past the window, then 20 decode steps: exact
+    storage gives the DynamicCache's logits row by row (the window counted in positions equals the model's mask,
+    counted in slots, when padding precedes the tokens)."""
+    from tiny_models import prefill_and_decode
+
+    model = nqcompile.optimize(_gemma(), "balanced", **EXACT, recent_window=16)
+    ids = _ids(PREFILL, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :PREFILL - 45] = 0
+    with torch.no_grad():
+        ref = prefill_and_decode(model, ids, DynamicCache(config=model.config), 20, mask=mask)
+        cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=PREFILL + 21, **EXACT, recent_window=16)
+        got = prefill_and_decode(model, ids, cache, 20, mask=mask)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

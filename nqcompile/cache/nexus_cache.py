@@ -241,8 +241,8 @@ class NexusCache(Cache):
         needed = self.seen_tokens() + new_tokens
         if self._window_limit is not None and needed > self._window_limit[1]:
             field, window = self._window_limit
-            raise ValueError(f"this NexusCache compresses chunked layers with {field}={window}, which it honours only while "
-                             f"it holds at most {window} tokens per sequence; {self.seen_tokens()} held + "
+            raise ValueError(f"this NexusCache compresses chunked layers with {field}={window}, which it honours only "
+                             f"while it holds at most {window} tokens per sequence; {self.seen_tokens()} held + "
                              f"{new_tokens} new = {needed}. Continue with a fresh cache built with "
                              "compress_layers='global_only', or keep the conversation within the window")
         for layer in self.layers:
