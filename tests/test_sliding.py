@@ -179,7 +179,7 @@ def test_compress_kv_cache_of_a_hybrid_dynamic_cache_continues_as_it():
 def test_the_decode_kernel_takes_a_sliding_decode_step(monkeypatch):
     """The attention call of a sliding layer's decode step (no code slot; the ring decoded into the exact segment)
     is one the Triton decode kernel runs (on CPU under Triton's interpreter), with the torch reference's output."""
-    triton = pytest.importorskip("triton")  # noqa: F841
+    pytest.importorskip("triton")
     from nqcompile.ops import cuda as ops_cuda
     from nqcompile.cache import sliding
 
