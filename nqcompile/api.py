@@ -255,10 +255,11 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
         keys, values = src.keys, src.values
         if keys is None or keys.numel() == 0:
             raise ValueError("compress_kv_cache needs a cache filled by a prefill")
-        mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device) \
+        mask = torch.ones(keys.shape[0], cache.get_seq_length(), dtype=torch.bool, device=keys.device) \
             if attention_mask is None else attention_mask.to(device=keys.device, dtype=torch.bool)
-        if hasattr(dst, "ingest"):
-            dst.ingest(keys, values, real=mask, positions=(mask.long().cumsum(-1) - 1).clamp(min=0))
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if hasattr(dst, "ingest"):  # a sliding-window layer holds the last keys.shape[2] tokens only
+            dst.ingest(keys, values, real=mask[:, -keys.shape[2]:], positions=positions[:, -keys.shape[2]:])
         else:
             dst.update(keys, values)
     return out

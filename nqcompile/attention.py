@@ -69,41 +69,50 @@ def _refuse_unsupported(module: torch.nn.Module, layer: NexusLayer, kwargs: dict
         raise NotImplementedError("this attention module is not causal (is_causal=False), and a compressed layer "
                                   "attends causally; nqcompile cannot compress this model's cache")
     window = kwargs.get("sliding_window")
-    if window is not None and not layer.rereading and (layer.max_cache_len is None or layer.max_cache_len > window):
-        raise NotImplementedError(f"this layer attends within sliding_window={window}, and a compressed layer "
-                                  "attends to every token it holds: build the NexusCache from this model's config "
-                                  f"(it then refuses a max_cache_len above {window}, or leaves such layers to "
-                                  "transformers with compress_layers='global_only')")
+    if layer.window is not None:
+        if window is not None and window != layer.window:
+            raise NotImplementedError(f"this layer attends within sliding_window={window}, and its NexusCache layer "
+                                      f"holds a window of {layer.window} tokens: build the NexusCache from this "
+                                      "model's config")
+    elif window is not None and not layer.rereading and (layer.max_cache_len is None or layer.max_cache_len > window):
+        raise NotImplementedError(f"this layer attends within sliding_window={window}, and its NexusCache layer "
+                                  "attends to every token it holds (the config calls it a full-attention layer): "
+                                  "build the NexusCache from this model's config, whose sliding-window layers hold "
+                                  "their window")
 
 
-#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen)``. Every layer of a forward gets
-#: the same mask, which is checked once; entries of masks freed since are dropped at the next insertion.
-_CAUSAL_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+#: The 4D masks :func:`_check_causal` passed, by ``id``: ``(weak reference, seen, window)``. Every layer of a forward
+#: (of one layer type) gets the same mask, which is checked once; entries of masks freed since are dropped at the next
+#: insertion.
+_CAUSAL_CHECKED: dict[int, tuple[weakref.ref, int, int | None]] = {}
 
 
-def _check_causal(attention_mask: torch.Tensor | None, real: torch.Tensor, seen: int, q_len: int) -> None:
-    """Raise unless the 4D mask lets each real new token see exactly the real new tokens up to itself (what a
-    compressed layer does): a narrower window, a chunk boundary, a bidirectional block or any other pattern among
-    the new tokens would otherwise be ignored. ``real``: ``[B, q]``; ``seen``: tokens held before them. Reads
-    ``q_len ** 2`` mask entries, once per mask and ``seen``."""
+def _check_causal(attention_mask: torch.Tensor | None, real: torch.Tensor, seen: int, q_len: int,
+                  window: int | None) -> None:
+    """Raise unless the 4D mask lets each real new token see exactly the real new tokens up to itself, and within
+    ``window`` tokens when the layer has one (what a compressed layer does): another window, a chunk boundary, a
+    bidirectional block or any other pattern among the new tokens would otherwise be ignored. ``real``: ``[B, q]``;
+    ``seen``: tokens held before them. Reads ``q_len ** 2`` mask entries, once per mask and ``seen``."""
     if attention_mask is None or q_len == 1:
         return
     checked = _CAUSAL_CHECKED.get(id(attention_mask))
-    if checked is not None and checked[0]() is attention_mask and checked[1] == seen:
+    if checked is not None and checked[0]() is attention_mask and checked[1:] == (seen, window):
         return
     block = attention_mask[:, 0, -q_len:, seen:seen + q_len]  # [B or 1, q, q]
     visible = block if block.dtype == torch.bool else block == 0
     causal = torch.ones(q_len, q_len, dtype=torch.bool, device=block.device).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     if ((visible != (causal & real[:, None, :])) & real[:, :, None]).any():
         raise NotImplementedError(
-            "the attention mask of this forward does not let each new token see exactly the tokens up to itself (a "
-            "sliding window or chunk narrower than the input, a bidirectional block such as image tokens, or a "
-            "custom 4D mask), and a compressed layer attends causally to every token it holds. For a model with "
-            "sliding-window or chunked layers pass compress_layers='global_only'; otherwise run this input without "
-            "nqcompile")
-    for key in [key for key, (ref, _) in _CAUSAL_CHECKED.items() if ref() is None]:
+            "the attention mask of this forward does not let each new token see exactly the tokens up to itself (and "
+            "within its sliding window, in a sliding-window layer): a chunk narrower than the input, a bidirectional "
+            "block such as image tokens, or a custom 4D mask; a compressed layer attends causally to every token it "
+            "holds. For a model with chunked layers pass compress_layers='global_only'; otherwise run this input "
+            "without nqcompile")
+    for key in [key for key, (ref, *_) in _CAUSAL_CHECKED.items() if ref() is None]:
         del _CAUSAL_CHECKED[key]
-    _CAUSAL_CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), seen)
+    _CAUSAL_CHECKED[id(attention_mask)] = (weakref.ref(attention_mask), seen, window)
 
 
 def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -130,9 +139,9 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             their attention.
         NotImplementedError: logit soft-capping (``softcap``), learned sink logits (``s_aux`` / ``sinks``) or a
             position bias, on any layer; on a compressed layer, anything else it would ignore:
-            ``output_attentions=True``, dropout, a non-causal module, a ``sliding_window`` shorter than the layer's
-            ``max_cache_len``, or a mask that is not causal over the new tokens (checked on multi-token inputs outside
-            ``torch.compile``).
+            ``output_attentions=True``, dropout, a non-causal module, a ``sliding_window`` other than the layer's
+            (or any, shorter than ``max_cache_len``, on a full-attention layer), or a mask that is not causal (within
+            the layer's window) over the new tokens (checked on multi-token inputs outside ``torch.compile``).
         RuntimeError: gradients enabled on a compressed layer (inference only: use ``torch.no_grad()``).
     """
     if CACHE_KWARG not in kwargs:
@@ -164,7 +173,7 @@ def nexus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     positions = positions.to(torch.int64).expand(batch, q_len)
     real = _new_token_flags(attention_mask, layer.get_seq_length(), batch, q_len, query.device)
     if q_len > 1 and not (torch.compiler.is_compiling() or layer.rereading):
-        _check_causal(attention_mask, real, layer.seen_tokens(), q_len)
+        _check_causal(attention_mask, real, layer.seen_tokens(), q_len, layer.window)
     out = layer.attend(query, key, value, real=real, positions=positions,
                        scaling=scaling if scaling is not None else head_dim**-0.5)
     return out.transpose(1, 2).contiguous(), None

@@ -113,8 +113,10 @@ class Preset:
             (``None``: exact) and never evicted.
         boundary_bits: bits for the boundary layers' keys and values (one the codec offers), or ``None`` for exact
             storage.
-        compress_layers: ``"all"``, or ``"global_only"`` to leave sliding-window layers of hybrid models
-            as transformers' own layers.
+        compress_layers: ``"all"``: sliding-window layers of hybrid models hold their window as codes (exact recent
+            tokens and a ring of code blocks at the layer's bits; no sinks, warm tier or eviction there:
+            :mod:`nqcompile.cache.sliding`); ``"global_only"`` leaves sliding-window and chunked layers as
+            transformers' own layers (uncompressed, in the model's dtype).
         version: schema version of this dataclass.
 
     Raises:

@@ -75,18 +75,22 @@ HONOURED = {
         Honoured(lambda: transformers.GraniteConfig(**SMALL, attention_multiplier=0.05), 2)],
     "Per-layer rope": [
         Honoured(lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=32, sliding_window=WINDOW, layer_types=TWO,
-                                                       pad_token_id=0), 1, dict(compress_layers="global_only"))],
+                                                       pad_token_id=0), 2)],
     "Layers without rope": [
         Honoured(lambda: transformers.SmolLM3Config(**SMALL, no_rope_layers=[1, 0], pad_token_id=0), 2),
         Honoured(lambda: transformers.Cohere2Config(**SMALL, sliding_window=WINDOW, layer_types=TWO, pad_token_id=0),
-                 1, dict(compress_layers="global_only"))],
+                 2)],
     "Sliding window in every layer": [
+        Honoured(lambda: transformers.MistralConfig(**SMALL, head_dim=32, sliding_window=WINDOW), 2),
         Honoured(lambda: transformers.MistralConfig(**SMALL, head_dim=32, sliding_window=WINDOW), 0,
                  dict(compress_layers="global_only")),
         Honoured(lambda: transformers.MistralConfig(**SMALL, head_dim=32, sliding_window=WIDE), 2)],
     "Sliding-window layers of hybrid models": [
         Honoured(lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=WINDOW,
-                                                  max_window_layers=1), 1, dict(compress_layers="global_only")),
+                                                  max_window_layers=1), 2),
+        Honoured(lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=32, sliding_window=WINDOW, layer_types=TWO,
+                                                       pad_token_id=0), 2, attention="eager"),
+        Honoured(lambda: transformers.Exaone4Config(**SMALL, sliding_window=WINDOW, layer_types=TWO), 2),
         Honoured(lambda: transformers.Exaone4Config(**SMALL, sliding_window=WINDOW, layer_types=TWO), 1,
                  dict(compress_layers="global_only")),
         Honoured(lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=WIDE,
@@ -101,8 +105,7 @@ HONOURED = {
             no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"]), 2)],
     "Head size per layer type": [
         Honoured(lambda: transformers.Gemma4TextConfig(**SMALL, head_dim=32, global_head_dim=64, sliding_window=WINDOW,
-                                                       layer_types=TWO, pad_token_id=0), 1,
-                 dict(compress_layers="global_only"))],
+                                                       layer_types=TWO, pad_token_id=0), 2)],
 }
 
 
@@ -160,14 +163,6 @@ REFUSED = {
             **{**SMALL, "num_key_value_heads": 4}, original_max_position_embeddings=32, pad_token_id=0,
             rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.5] * 16,
                              "long_factor": [4.0] * 16}), r"original_max_position_embeddings=32", optimize=False)],
-    "Sliding window in every layer": [
-        Refused(lambda: transformers.MistralConfig(**SMALL, head_dim=32, sliding_window=WINDOW), r"sliding_window=16",
-                optimize=False),
-        Refused(lambda: transformers.MistralConfig(**SMALL, head_dim=32, sliding_window=WINDOW), r"sliding_window=16",
-                max_cache_len=None, optimize=False)],
-    "Sliding-window layers of hybrid models": [
-        Refused(lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=32, sliding_window=WINDOW, layer_types=TWO,
-                                                      pad_token_id=0), r"sliding_window=16", optimize=False)],
     "Chunked attention": [
         Refused(lambda: transformers.Llama4TextConfig(
             **SMALL, head_dim=32, attention_chunk_size=WINDOW, num_local_experts=2, intermediate_size_mlp=256,

@@ -12,7 +12,7 @@ from transformers import DynamicCache, StaticCache
 
 from nqcompile.compile.sites import find_sites
 from nqcompile.models import cache_kwarg_name
-from tiny_models import HYBRID_KINDS, MODEL_KINDS, tiny_model
+from tiny_models import MODEL_KINDS, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -64,7 +64,7 @@ def test_one_attention_site_per_layer_and_its_two_cache_updates(attention, cache
         assert site.target == "matmul" and len(site.nodes) == 6 + 8
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS + HYBRID_KINDS)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_eager_attention_of_every_model_kind(kind):
     model = tiny_model(kind, attention="eager")
     sites = _decode_step_sites(model, DynamicCache(config=model.config))

@@ -28,7 +28,7 @@ _CONFIGS = {
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=1024),
     # Gemma 3 text: sliding-window (32 tokens, RoPE theta 1e4) and global (theta 1e6) layers, QK-norm,
-    # query_pre_attn_scalar scaling, GQA. NexusCache compresses only its global layers (compress_layers="global_only").
+    # query_pre_attn_scalar scaling, GQA. NexusCache holds the sliding-window layers' window as codes (SlidingLayer).
     "gemma3": lambda: transformers.Gemma3TextConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=1024,
@@ -36,15 +36,12 @@ _CONFIGS = {
         pad_token_id=0),
 }
 
-#: Kinds a NexusCache compresses in every layer (preset defaults apply).
-MODEL_KINDS = ("llama", "qwen2", "phi3", "mistral", "qwen3")
-#: Kinds with sliding-window layers: NexusCache needs ``compress_layers="global_only"`` for them (or a
-#: ``max_cache_len`` no longer than the window).
-HYBRID_KINDS = ("gemma3",)
+#: Kinds a NexusCache compresses in every layer (preset defaults apply); gemma3 has sliding-window layers.
+MODEL_KINDS = ("llama", "qwen2", "phi3", "mistral", "qwen3", "gemma3")
 
 
 def tiny_model(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attention: str = "sdpa"):
-    """A small random-weight causal LM of the given family (``MODEL_KINDS`` or ``HYBRID_KINDS``), in eval mode,
+    """A small random-weight causal LM of the given family (``MODEL_KINDS``), in eval mode,
     with transformers' attention implementation ``attention`` (``"sdpa"`` or ``"eager"``)."""
     torch.manual_seed(seed)
     config = _CONFIGS[kind]()

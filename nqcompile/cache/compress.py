@@ -24,7 +24,7 @@ from ..presets import Preset
 from .storage import LayerStorage, first_slots, ordered_index
 from .tiers import store_kept
 
-__all__ = ["ChunkPolicy", "Split", "split", "compress_chunk"]
+__all__ = ["ChunkPolicy", "Split", "split", "compress_chunk", "relax_key_bits", "set_norm"]
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,9 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
         qtime = torch.where(q_real, time[width - query.shape[2]:][None], torch.full_like(q_real, -1, dtype=torch.int64))
     key_kl = None
     if first_chunk:
-        _set_norm(st, pk, pv, ppos, preal & ~sp.is_sink)
+        set_norm(st, pk, pv, ppos, preal & ~sp.is_sink)
         if policy.relaxable:
-            key_kl = _relax_key_bits(st, policy.preset, query, pk, ppos, middle, qtime, key_time, preal, scaling)
+            key_kl = relax_key_bits(st, policy.preset, query, pk, ppos, middle, qtime, key_time, preal, scaling)
         st.take(sp.is_sink, pk, pv, None, "sink")
         st.sink_len = sp.n_sink
     if policy.evicting:
@@ -145,7 +145,7 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
     return key_kl
 
 
-def _relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qtime, key_time, key_valid,
+def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qtime, key_time, key_valid,
                     scaling) -> float | None:
     """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
     ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl`; ``coded``: the tokens that become codes)
@@ -167,7 +167,7 @@ def _relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qt
     return key_kl
 
 
-def _set_norm(st: LayerStorage, pk, pv, ppos, select) -> None:
+def set_norm(st: LayerStorage, pk, pv, ppos, select) -> None:
     """Normalization statistics (:func:`~nqcompile.codec.kv.channel_statistics`) of the first chunk's real
     tokens other than the sinks (``select``; window and evicted tokens included); keys before RoPE."""
     c = st.codec

@@ -53,6 +53,9 @@ class NexusLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = False
+    #: Tokens a query attends back over, itself included (``None``: every token held); a sliding-window layer's
+    #: ``sliding_window`` (:class:`~nqcompile.cache.sliding.SlidingLayer`).
+    window: int | None = None
 
     def __init__(self, *, preset: Preset, bits: tuple[int, int] | None, eviction_ratio: float, rotary: RotarySpec,
                  max_cache_len: int | None):
@@ -109,7 +112,7 @@ class NexusLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         if self.bits is not None:
             code_for(self.kind, self.bits[0])  # fail early on an unsupported combination
-        self.storage = LayerStorage(preset=self.preset, bits=self.bits, store_positions=self.policy.evicting,
+        self.storage = LayerStorage(preset=self.preset, bits=self.bits, store_positions=self._store_positions(),
                                     rotary=self.rotary, batch=batch, heads=heads, head_dim=dim,
                                     dtype=key_states.dtype, device=key_states.device,
                                     position_dtype=self._position_dtype())
@@ -204,6 +207,15 @@ class NexusLayer(CacheLayerMixin):
         self._compress(None, key, value, real, positions, key.shape[-1] ** -0.5)
 
     # ------------------------------------------------------------------ capacity
+    def _store_positions(self) -> bool:
+        """Whether each coded token's position is stored (kept tokens are not contiguous when the layer evicts)."""
+        return self.policy.evicting
+
+    def bf16_tokens(self) -> int:
+        """Tokens per sequence that transformers' bf16 ``DynamicCache`` would hold for this layer: every token seen
+        (a full-attention layer)."""
+        return self.seen_tokens()
+
     def _position_dtype(self) -> torch.dtype:
         small = self.max_cache_len is not None and self.max_cache_len <= torch.iinfo(torch.int16).max
         return torch.int16 if small else torch.int32
@@ -216,8 +228,12 @@ class NexusLayer(CacheLayerMixin):
         if self.storage is not None:
             self.storage.widen_positions(self._position_dtype())
             if self.chunks and self.deferred is None:  # the new tokens may all be decoded: plan their code room
-                self.storage.reserve_for_decode(self._spare())
+                self._plan_decode()
                 self._mark_static()
+
+    def _plan_decode(self) -> None:
+        """Size the code buffers for the tokens still to come (a plan step: a chunk end or a new turn)."""
+        self.storage.reserve_for_decode(self._spare())
 
     def _spare(self) -> int | None:
         """Logical tokens still to come (code capacity is sized for them), or None when unbounded."""
@@ -261,10 +277,7 @@ class NexusLayer(CacheLayerMixin):
             raise RuntimeError("NexusLayer.attend called before update(): the attention module updates the cache first")
         if self.rereading:
             self.rotary.check_length(int(positions.max()) + 1)
-            out, scores = reread_piece(self.storage, self.deferred, query, key, value, real, scaling)
-            if scores is not None:
-                self._recon_scores = scores if self._recon_scores is None else torch.maximum(self._recon_scores, scores)
-            return out
+            return self._reread_piece(query, key, value, real, positions, scaling)
         if self.deferred is not None:
             raise RuntimeError("a prefill chunk of this NexusCache awaits its reconstruction pass (scorer="
                                "'reconstruction'): call cache.reconstruct(model, input_ids) after the prefill, or "
@@ -281,15 +294,27 @@ class NexusLayer(CacheLayerMixin):
             else:
                 self.check_room(q_len)
                 self.rotary.check_length(self.seen_tokens() + q_len)
-                if self.max_cache_len is None:  # unbounded: grow on the host before the static step
-                    st = self.storage  # it writes round_up(q) slots at the codes' end (reserve_for_decode)
-                    st.ensure_capacity(int(st.code_len.max()) + round_up_to_block(q_len))
             self._advance(q_len)
-            return decode_steps(self.storage, query, key, value, positions, scaling)
+            return self._decode(query, key, value, positions, scaling)
         self.check_room(q_len)
         self.rotary.check_length(self.seen_tokens() + q_len)
         self._advance(q_len)  # before storing: capacity is sized from the tokens still to come
         return self._chunk(query, key, value, real, positions, scaling)
+
+    def _reread_piece(self, query, key, value, real, positions, scaling) -> torch.Tensor:
+        """A piece of a re-reading (:meth:`NexusCache.reconstruct`): attention only, and the deferred chunk's scores."""
+        out, scores = reread_piece(self.storage, self.deferred, query, key, value, real, scaling)
+        if scores is not None:
+            self._recon_scores = scores if self._recon_scores is None else torch.maximum(self._recon_scores, scores)
+        return out
+
+    def _decode(self, query, key, value, positions, scaling) -> torch.Tensor:
+        """``q`` decode steps (:func:`~nqcompile.cache.tiers.decode_steps`), the lengths already advanced."""
+        st = self.storage
+        if self.max_cache_len is None and not torch.compiler.is_compiling():
+            # unbounded: grow on the host before the static step, which writes round_up(q) slots at the codes' end
+            st.ensure_capacity(int(st.code_len.max()) + round_up_to_block(key.shape[2]))
+        return decode_steps(st, query, key, value, positions, scaling)
 
     def _chunk(self, query, key, value, real, positions, scaling) -> torch.Tensor:
         out = self.storage.attend_chunk(query, key, value, real, scaling)[0]

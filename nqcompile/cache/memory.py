@@ -25,8 +25,9 @@ class CacheMemoryReport:
         allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
             positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
         unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
-        bf16_bytes: what a bf16 ``DynamicCache`` would hold for the same tokens
-            (``2 * 2 * B * Hkv * logical_tokens * head_dim`` per layer).
+        bf16_bytes: what transformers' ``DynamicCache`` would hold in bf16 for the same tokens:
+            ``2 * 2 * B * Hkv * n * head_dim`` per layer, ``n`` the logical tokens in a full-attention layer and the
+            last ``sliding_window - 1`` of them in a sliding-window layer (``DynamicSlidingWindowLayer``).
         layer_key_bits: key bits of each quantized layer, in layer order (``relax_key_kl`` lowers some at
             the first chunk).
         compression_ratio: ``bf16_bytes / allocated_bytes``.
@@ -67,7 +68,8 @@ class CacheMemoryReport:
 
 def memory_report(layers) -> CacheMemoryReport:
     """Account for ``layers`` (a cache's ``NexusLayer`` and transformers layers): the ``nbytes`` of every distinct
-    tensor storage they hold, the unused capacity, and what a bf16 ``DynamicCache`` would hold for the same tokens."""
+    tensor storage they hold, the unused capacity, and what a bf16 ``DynamicCache`` would hold for the same tokens
+    (:meth:`NexusLayer.bf16_tokens` per sequence: all of them, or a sliding-window layer's last ``window - 1``)."""
     seen: set[int] = set()
     allocated = unused = bf16 = 0
     logical = None
@@ -84,12 +86,12 @@ def memory_report(layers) -> CacheMemoryReport:
         if isinstance(layer, NexusLayer) and layer.storage is not None:
             st = layer.storage
             unused += st.unused_bytes()
-            bf16 += 4 * st.batch * st.heads * st.head_dim * layer.seen_tokens()
+            bf16 += 4 * st.batch * st.heads * st.head_dim * layer.bf16_tokens()
             logical = layer.seen_tokens() if logical is None else logical
             key_bits += [layer.key_bits] if layer.kind != "exact" else []
             physical += layer.physical_tokens()
         elif getattr(layer, "keys", None) is not None and layer.keys.numel():
             b, h, _, d = layer.keys.shape
-            bf16 += 4 * b * h * d * layer.get_seq_length()
+            bf16 += 4 * b * h * d * layer.keys.shape[2]  # transformers' own layer: what it holds
             physical += b * layer.keys.shape[2]
     return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits))

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..models.features import WINDOW_FIELDS, plan_layers
 from .layer import NexusLayer
+from .sliding import SlidingLayer
 from .memory import CacheMemoryReport, memory_report
 from ..models.compat import cache_kwarg_name
 from ..policy import layer_eviction_ratios
@@ -59,41 +60,47 @@ class NexusCache(Cache):
         **overrides: any :class:`~nqcompile.Preset` field.
 
     Which attention features of the config are honoured, and how, is in ``docs/models.md``: full-attention layers
-    are compressed; sliding-window and chunked layers are left to transformers' own cache with
-    ``compress_layers="global_only"``, and compressed with ``"all"`` only when ``max_cache_len`` is at most their
-    window (so the window excludes nothing).
+    are compressed (:class:`~nqcompile.cache.layer.NexusLayer`), sliding-window layers hold their window as codes
+    (:class:`~nqcompile.cache.sliding.SlidingLayer`: the exact recent tokens and a ring of code blocks; never
+    evicted), chunked layers are compressed only when ``max_cache_len`` is at most their chunk; with
+    ``compress_layers="global_only"`` the sliding-window and chunked layers are left to transformers' own cache.
 
     Raises:
         ValueError: a config feature that a compressed layer cannot honour, named in the message
             (:func:`~nqcompile.models.features.plan_layers`: encoder-decoder, no rotary attention or an unsupported
             rope, ALiBi, multi-head latent attention, ``attn_logit_softcapping``, cross-layer KV sharing,
-            bidirectional attention, non-attention ``layer_types``, a ``sliding_window`` / ``attention_chunk_size``
-            shorter than ``max_cache_len`` with ``compress_layers="all"``); head_dim not a multiple of 8 for a
+            bidirectional attention, non-attention ``layer_types``, an ``attention_chunk_size`` shorter than
+            ``max_cache_len`` with ``compress_layers="all"``); head_dim not a multiple of 8 for a
             quantized preset; unknown preset or field value.
     """
 
     def __init__(self, config, preset: "str | Preset" = "balanced", *, max_cache_len: int | None = None, **overrides):
         self.preset = get_preset(preset, **overrides)
         plans = plan_layers(config, self.preset, max_cache_len=max_cache_len)
-        #: The smallest window among the compressed layers (``max_cache_len`` may not pass it): (field, tokens).
+        #: The smallest chunk among the compressed chunked layers (``max_cache_len`` may not pass it): (field, tokens).
         self._window_limit = min(((WINDOW_FIELDS[p.layer_type], p.window) for p in plans
-                                  if p.compressed and p.window is not None), key=lambda fw: fw[1], default=None)
+                                  if p.compressed and p.layer_type == "chunked_attention"),
+                                 key=lambda fw: fw[1], default=None)
         compressed = [i for i, plan in enumerate(plans) if plan.compressed]
         nb = self.preset.boundary_layers
         boundary = set(compressed[:nb] + compressed[len(compressed) - nb:]) if nb else set()
-        evicting = [i for i in compressed if i not in boundary]
+        # Sliding-window layers never evict (nqcompile.cache.sliding): the budget is the full-attention layers'.
+        evicting = [i for i in compressed if i not in boundary and plans[i].layer_type != "sliding_attention"]
         ratios = dict(zip(evicting, layer_eviction_ratios(self.preset.eviction_ratio, len(evicting),
                                                           self.preset.layer_budget)))
         quant_bits = None if self.preset.exact else (self.preset.key_bits, self.preset.value_bits)
         boundary_bits = None if self.preset.boundary_bits is None else (self.preset.boundary_bits,) * 2
         layers = []
         for i, plan in enumerate(plans):
+            bits = boundary_bits if i in boundary else quant_bits
             if not plan.compressed:
                 layers.append(ContiguousSlidingWindowLayer(sliding_window=plan.window))
-                continue
-            layers.append(NexusLayer(preset=self.preset, bits=boundary_bits if i in boundary else quant_bits,
-                                     eviction_ratio=ratios.get(i, 0.0), rotary=plan.rotary,
-                                     max_cache_len=max_cache_len))
+            elif plan.layer_type == "sliding_attention":
+                layers.append(SlidingLayer(preset=self.preset, bits=bits, window=plan.window, rotary=plan.rotary,
+                                           max_cache_len=max_cache_len))
+            else:
+                layers.append(NexusLayer(preset=self.preset, bits=bits, eviction_ratio=ratios.get(i, 0.0),
+                                         rotary=plan.rotary, max_cache_len=max_cache_len))
         super().__init__(layers=layers)
 
     @property
@@ -228,14 +235,14 @@ class NexusCache(Cache):
         """Raise ``max_cache_len`` so that ``new_tokens`` more tokens fit (a new turn); no-op when unbounded.
 
         Raises:
-            ValueError: the new capacity would pass the window of a compressed sliding-window or chunked layer
+            ValueError: the new capacity would pass the chunk of a compressed chunked layer
                 (:func:`~nqcompile.models.features.plan_layers`), before anything changes.
         """
         needed = self.seen_tokens() + new_tokens
         if self._window_limit is not None and needed > self._window_limit[1]:
             field, window = self._window_limit
-            raise ValueError(f"this NexusCache compresses layers with {field}={window}, which it honours only while "
-                             f"it holds at most {window} tokens per sequence; {self.seen_tokens()} held + "
+            raise ValueError(f"this NexusCache compresses chunked layers with {field}={window}, which it honours only "
+                             f"while it holds at most {window} tokens per sequence; {self.seen_tokens()} held + "
                              f"{new_tokens} new = {needed}. Continue with a fresh cache built with "
                              "compress_layers='global_only', or keep the conversation within the window")
         for layer in self.layers:

@@ -86,17 +86,18 @@ def plan_layers(config: Any, preset: Preset, *, max_cache_len: int | None,
                 check_windows: bool = True) -> list[LayerPlan]:
     """Decide how a :class:`~nqcompile.NexusCache` holds each layer of a model, refusing what it cannot honour.
 
-    Full-attention layers are compressed. A sliding-window or chunked layer (``sliding_window``,
-    ``attention_chunk_size``; the layer types come from transformers' own reading of the config,
-    :func:`~nqcompile.models.compat.cache_layer_types`) is left to transformers' cache when
-    ``preset.compress_layers="global_only"``; with ``"all"`` it is compressed only while the window cannot exclude any
-    token, that is when ``max_cache_len <= window`` (a query then sees the whole cache, as a compressed layer does).
+    Full-attention layers are compressed. A sliding-window layer (``sliding_window``; the layer types come from
+    transformers' own reading of the config, :func:`~nqcompile.models.compat.cache_layer_types`) is compressed as a
+    :class:`~nqcompile.cache.sliding.SlidingLayer`, which holds its window. A chunked layer (``attention_chunk_size``)
+    is compressed only while its chunk cannot exclude any token, that is when ``max_cache_len <= chunk`` (a query then
+    sees the whole cache, as a compressed layer does). With ``preset.compress_layers="global_only"`` both are left to
+    transformers' cache.
 
     Args:
         config: the model's config (a composite config is reduced to its text decoder's).
         preset: the cache's :class:`~nqcompile.Preset` (``compress_layers``; its bits for the head_dim check).
         max_cache_len: logical capacity in tokens per sequence, or ``None`` (unbounded).
-        check_windows: ``False`` to skip the window-length check (``optimize()`` validates a model before any
+        check_windows: ``False`` to skip the chunk-length check (``optimize()`` validates a model before any
             length is known; the cache that ``generate`` builds checks it).
 
     Returns:
@@ -105,9 +106,8 @@ def plan_layers(config: Any, preset: Preset, *, max_cache_len: int | None,
     Raises:
         ValueError: naming the config field: encoder-decoder models, ``attn_logit_softcapping``, cross-layer KV
             sharing (``num_kv_shared_layers``, ``kv_sharing_modes``), ``use_bidirectional_attention``,
-            ``layer_types`` other than full / sliding / chunked attention, a window (``sliding_window``,
-            ``attention_chunk_size``) shorter than ``max_cache_len`` (or no ``max_cache_len``) with
-            ``compress_layers="all"``, a ``max_cache_len`` past the length where a ``dynamic`` or ``longrope`` rope
+            ``layer_types`` other than full / sliding / chunked attention, an ``attention_chunk_size`` shorter than
+            ``max_cache_len`` (or no ``max_cache_len``) with ``compress_layers="all"``, a ``max_cache_len`` past the length where a ``dynamic`` or ``longrope`` rope
             changes its frequencies (``max_position_embeddings`` / ``original_max_position_embeddings``), and every
             rotary refusal of
             :meth:`~nqcompile.models.rope_spec.RotarySpec.from_config` (no RoPE, ALiBi, multi-head latent attention,
@@ -124,7 +124,7 @@ def plan_layers(config: Any, preset: Preset, *, max_cache_len: int | None,
         if window is not None and preset.compress_layers == "global_only":
             plans.append(LayerPlan(layer_type, window, None))
             continue
-        if window is not None and check_windows and (max_cache_len is None or max_cache_len > window):
+        if layer_type == "chunked_attention" and check_windows and (max_cache_len is None or max_cache_len > window):
             raise ValueError(_window_message(text, i, layer_type, window, max_cache_len,
                                              all_windowed=all(w is not None for _, w in kinds)))
         rotary = RotarySpec.from_config(text, layer_idx=i)
@@ -150,13 +150,11 @@ def _rope_length_message(text: Any, rotary: RotarySpec, max_cache_len: int) -> s
 def _window_message(text: Any, layer: int, layer_type: str, window: int, max_cache_len: int | None,
                     all_windowed: bool) -> str:
     field = WINDOW_FIELDS[layer_type]
-    sees = (f"the last {window} tokens" if layer_type == "sliding_attention"
-            else f"the tokens of its own {window}-token chunk")
     capacity = "no max_cache_len (unbounded)" if max_cache_len is None else f"max_cache_len={max_cache_len}"
     leave = (" (every layer of this model has a window, so nothing would then be compressed)" if all_windowed
              else "")
-    return (f"{_describe(text)} has {field}={window}: a query of layer {layer} ({layer_type}) attends to {sees} "
-            f"only, while a compressed layer attends to every token it holds, so NexusCache honours {field} only "
-            f"when it holds at most {window} tokens per sequence; this cache has {capacity}. Build it with "
-            f"max_cache_len <= {window} (generate: prompt + max_new_tokens <= {window + 1}), or pass "
-            f"compress_layers='global_only' to leave the {layer_type} layers to transformers' own cache{leave}")
+    return (f"{_describe(text)} has {field}={window}: a query of layer {layer} ({layer_type}) attends to the tokens "
+            f"of its own {window}-token chunk only, while a compressed layer attends to every token it holds, so "
+            f"NexusCache honours {field} only when it holds at most {window} tokens per sequence; this cache has "
+            f"{capacity}. Build it with max_cache_len <= {window} (generate: prompt + max_new_tokens <= {window + 1}), "
+            f"or pass compress_layers='global_only' to leave the {layer_type} layers to transformers' own cache{leave}")
