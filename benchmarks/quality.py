@@ -19,7 +19,7 @@ Prints a markdown table (one row per cache; per model, a column per genre, overa
 the command line it was run with; ``--out`` writes everything as JSON, after every cache. A cache that fails (a preset
 a model's config refuses, say) is recorded with its error, and the exit status is then 1.
 
-    python benchmarks/quality.py --threads 2 --compress-layers global_only --out out/quality.json
+    python benchmarks/quality.py --threads 2 --out out/quality.json
     python benchmarks/quality.py --models smollm2 --presets '' --custom '{"k4v2": {"key_bits": 4, "value_bits": 2}}' --needle-lengths ''
     python benchmarks/quality.py --smoke      # two tiny random models (Llama, Gemma 3), a minute on a CPU
 """
@@ -62,7 +62,7 @@ TINY = {
 }
 #: What ``--smoke`` changes (flags given explicitly still win).
 SMOKE = dict(models=",".join(TINY), presets="quant_only,balanced", windows=2, prefix=256, continuation=64,
-             needle_lengths="256,512", needle_depths="0,1", compress_layers="global_only")
+             needle_lengths="256,512", needle_depths="0,1")
 
 
 def _floats(text: str) -> list[float]:

@@ -52,7 +52,7 @@ def test_smoke_measures_every_cache_model_genre_and_window(bench, smoke):
             if cache == bench.BASELINE:
                 assert "ppl_change_percent" not in entry["genres"]["overall"] and entry["preset"] is None
                 continue
-            assert entry["preset"]["compress_layers"] == "global_only"  # --smoke's --compress-layers
+            assert entry["preset"]["compress_layers"] == "all"  # each preset's own: sliding layers compressed too
             for i, (w, ref) in enumerate(zip(entry["windows"], base["windows"])):
                 assert (w["source"], w["start"]) == (ref["source"], ref["start"])  # the same windows for every cache
                 genre = entry["genres"][w["genre"]]
