@@ -53,6 +53,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from nqcompile.codec.cpu_kernel import cpu_kernel
 from nqcompile.codec.e8 import _e8_t, _e8_t_is_zero, _rowsum, e8_nearest_columns
@@ -332,9 +333,11 @@ class E8LatticeCode:
 
     def _cpu_kernel(self, groups: Tensor):
         """The compiled :func:`decode_blocks` for packed blocks ``groups`` ``[N, bits]``, or None where the torch
-        reference decodes them: on other devices, inside a ``torch.compile`` trace, for fewer than 2 blocks (traced
-        shapes start at 2), at 2 bits (a table look-up is as fast), or where Inductor cannot build the kernel."""
-        if groups.device.type != "cpu" or self.bits == 2 or groups.shape[0] < 2 or torch.compiler.is_compiling():
+        reference decodes them: on other devices, for fake tensors and inside a ``torch.compile`` trace (there is no
+        data to run a kernel on), for fewer than 2 blocks (traced shapes start at 2), at 2 bits (a table look-up is
+        as fast), or where Inductor cannot build the kernel."""
+        if (groups.device.type != "cpu" or self.bits == 2 or groups.shape[0] < 2 or is_fake(groups)
+                or torch.compiler.is_compiling()):
             return None
         bits, gain = self.bits, self.gain
         return cpu_kernel(f"e8_decode_blocks(bits={bits}, gain={gain!r})",
