@@ -22,7 +22,6 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 __all__ = ["cpu_kernel"]
