@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
+from nqcompile.codec.kv import KVTransform, decode_values, encode_values, fold_values, value_rows
 from nqcompile.ops import blockwise
 from nqcompile.ops.reference import _attention
 from nqcompile.policy.reconstruction import max_attention_probability, reconstruction_scores
@@ -224,6 +225,59 @@ def test_attention_blocks_equal_a_dense_softmax(batch, heads, q_len, block_sizes
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-12, rtol=1e-12)
     assert torch.equal(lse, lse_only)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(1, 1), (4, 2), (6, 3)]), st.integers(1, 9),
+       st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=5), st.integers(1, 6), st.data())
+def test_coded_value_blocks_equal_attention_over_mapped_values(heads, q_len, blocks_spec, query_tile, data):
+    """Blocks whose values are coded (rows x, scales s; value f(s x) = (s x) @ A * c + b per KV head) mixed with exact
+    blocks in any order give the dense softmax over the mapped values, with f applied once to the weighted sum."""
+    q_heads, kv_heads = heads
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    n = sum(size for size, _ in blocks_spec)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    query, key, x, s = r(2, q_heads, q_len, 8) * 2, r(2, kv_heads, n, 8), r(2, kv_heads, n, 8), r(2, kv_heads, n).exp()
+    a, mean, scale = r(8, 8), r(2, kv_heads, 8), r(2, kv_heads, 8).exp()
+    visible = torch.rand(2, q_len, n, generator=g) < 0.7
+    value = (s[..., None] * x) @ a * scale[:, :, None] + mean[:, :, None]  # every token mapped
+    bounds = torch.tensor([0, *[size for size, _ in blocks_spec]]).cumsum(0).tolist()
+    blocks = [(key[:, :, i:j], x[:, :, i:j], visible[:, :, i:j], s[:, :, i:j]) if coded else
+              (key[:, :, i:j], value[:, :, i:j], visible[:, :, i:j])
+              for (i, j), (_, coded) in zip(zip(bounds, bounds[1:]), blocks_spec)]
+    group = q_heads // kv_heads
+
+    def value_map(weighted, weight):
+        grouped = weighted.view(2, kv_heads, group, q_len, 8)
+        mapped = grouped @ a * scale[:, :, None, None] + mean[:, :, None, None] * weight.view(grouped.shape[:-1])[..., None]
+        return mapped.view(weighted.shape)
+
+    out, lse = blockwise.attention_blocks(query, blocks, scaling=0.4, query_tile=query_tile, value_map=value_map)
+    scores = (query @ key.repeat_interleave(group, 1).transpose(-1, -2) * 0.4).masked_fill(~visible[:, None],
+                                                                                           float("-inf"))
+    want = torch.softmax(scores, -1).nan_to_num(0.0) @ value.repeat_interleave(group, 1)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-12, rtol=1e-12)
+
+
+def test_coded_value_blocks_need_a_value_map():
+    k = torch.randn(1, 1, 3, 8)
+    with pytest.raises(ValueError, match="value_map"):
+        blockwise.attention_blocks(torch.randn(1, 1, 1, 8), [(k, k, torch.ones(1, 1, 3, dtype=torch.bool),
+                                                              torch.ones(1, 1, 3))], scaling=1.0, query_tile=1)
+
+
+def test_fold_values_of_a_weighted_sum_is_the_weighted_sum_of_decoded_values():
+    """fold_values(sum_t w_t s_t x_t, sum_t w_t) = sum_t w_t decode_values(code_t), from the same codes."""
+    g = torch.Generator().manual_seed(3)
+    t = KVTransform("e8", 4, 3, 1.0, D, "half")
+    hadamard, mean, scale = hadamard_matrix(D), torch.randn(B, H, D, generator=g), torch.rand(B, H, D, generator=g) + 0.5
+    codes, scale_codes = encode_values(torch.randn(B, H, 11, D, generator=g), hadamard, mean, scale, t)
+    w = torch.rand(B, H, 4, 11, generator=g, dtype=torch.float64)  # 4 weightings of the 11 tokens
+    x, s = value_rows(codes, scale_codes, D, t)
+    got = fold_values(w @ (s[..., None] * x).double(), w.sum(-1), hadamard, mean, scale)
+    want = w @ decode_values(codes, scale_codes, hadamard, mean, scale, t).double()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_tile_sizes_fit_the_budgets():

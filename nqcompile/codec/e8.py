@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .constants import on_device
 
-__all__ = ["d8_nearest", "e8_nearest", "is_in_e8"]
+__all__ = ["d8_nearest", "e8_nearest", "is_in_e8", "e8_nearest_columns"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -175,6 +175,49 @@ def _e8_t_is_zero(x: Tensor) -> Tensor:
         sl = slice(start, start + _SLICE)
         _e8_t_slice(x[:, sl], out[sl], zero_only=True)
     return out
+
+
+def _d8_columns(x: list[Tensor]) -> list[Tensor]:
+    """:func:`_d8` on the 8 coordinates given as separate tensors (see :func:`e8_nearest_columns`)."""
+    f = [torch.floor(xi + 0.5) for xi in x]
+    err = [xi - fi for xi, fi in zip(x, f)]
+    size = [e.abs() for e in err]
+    largest, at = size[0], torch.zeros_like(size[0])  # the first coordinate of largest |err|
+    for j in range(1, 8):
+        larger = size[j] > largest
+        largest, at = torch.where(larger, size[j], largest), torch.where(larger, float(j), at)
+    total = f[0]
+    for j in range(1, 8):
+        total = total + f[j]
+    odd = total - 2.0 * torch.floor(total * 0.5) != 0
+    return [fj + torch.where(odd & (at == j), torch.where(e >= 0, 1.0, -1.0), 0.0)
+            for j, (fj, e) in enumerate(zip(f, err))]
+
+
+def e8_nearest_columns(x: list[Tensor]) -> list[Tensor]:
+    """Nearest E8 point of blocks given coordinate by coordinate, in elementwise torch ops only.
+
+    The algorithm and tie rules of :func:`e8_nearest` (module docstring), written without reductions, indexing or
+    data-dependent control flow, so that a compiler fuses it into one loop
+    (:mod:`nqcompile.codec.cpu_kernel`). Its float32 results equal :func:`e8_nearest`'s bit for bit whenever
+    the arithmetic is exact, as for the dyadic inputs of the lattice code's decoder
+    (:meth:`nqcompile.codec.lattice.E8LatticeCode.decode`); for other inputs, coordinates whose rounding errors
+    lie within ``2**-20`` relative of each other may be re-rounded differently (``e8_nearest`` compares them with 3
+    mantissa bits cleared).
+
+    Args:
+        x: 8 float32 tensors of one shape ``[...]``, coordinate ``j`` of every block in ``x[j]``.
+
+    Returns:
+        8 float32 tensors ``[...]``: the nearest E8 point's coordinates.
+    """
+    y0 = _d8_columns(x)
+    y1 = [y + 0.5 for y in _d8_columns([xj - 0.5 for xj in x])]
+    d0, d1 = (x[0] - y0[0]).square(), (x[0] - y1[0]).square()
+    for j in range(1, 8):  # the sequential order of _rowsum
+        d0, d1 = d0 + (x[j] - y0[j]).square(), d1 + (x[j] - y1[j]).square()
+    take0 = (d0 < d1) | ((d0 == d1) & (y0[0] < y1[0]))
+    return [torch.where(take0, a, b) for a, b in zip(y0, y1)]
 
 
 def _e8(x: Tensor) -> Tensor:

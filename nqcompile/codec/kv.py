@@ -25,9 +25,11 @@ import torch
 
 from .registry import code_for
 from .rope import apply_rotary
+from .scales import decode_scale
 from .vector import dequantize_vectors, quantize_vectors
 
-__all__ = ["KVTransform", "NORMS", "VALUE_NORMS", "MIN_DEVIATION_TOKENS", "channel_statistics", "encode_keys", "decode_keys", "encode_values", "decode_values"]
+__all__ = ["KVTransform", "NORMS", "VALUE_NORMS", "MIN_DEVIATION_TOKENS", "channel_statistics", "encode_keys", "decode_keys",
+           "encode_values", "decode_values", "value_rows", "fold_values"]
 
 
 #: Per-channel normalizations (:func:`channel_statistics`); values have no RoPE pairs, hence no ``per_pair``.
@@ -162,5 +164,34 @@ def decode_values(codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torc
                   norm_scale: torch.Tensor, t: KVTransform) -> torch.Tensor:
     """Inverse of :func:`encode_values`: float32 ``[B, H, n, D]``."""
     dim = hadamard.shape[0]
-    x = dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim) @ hadamard
-    return x * norm_scale[:, :, None] + norm_mean[:, :, None]
+    return fold_values(dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim), None, hadamard,
+                       norm_mean, norm_scale)
+
+
+def value_rows(codes: torch.Tensor, scale_codes: torch.Tensor, dim: int, t: KVTransform) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """Value codes ``[B, H, n, value_bits * D / 8]`` (scale codes ``[B, H, n]``) as the unit-RMS code vectors ``x``
+    float32 ``[B, H, n, D]`` and their scales ``s`` float32 ``[B, H, n]``: :func:`decode_values` is
+    ``fold_values(s * x, None, ...)``, so a weighted sum of values can be taken over ``x`` and mapped once."""
+    return code_for(t.kind, t.value_bits).decode(codes, dim), decode_scale(scale_codes)
+
+
+def fold_values(weighted: torch.Tensor, weight: torch.Tensor | None, hadamard: torch.Tensor, norm_mean: torch.Tensor,
+                norm_scale: torch.Tensor) -> torch.Tensor:
+    """The value decoder's map after the code: ``v = (y @ H) * scale + mean`` per channel, for ``y`` the
+    dequantized vector, applied to a weighted sum ``weighted = sum_t w_t y_t``, which gives ``sum_t w_t v_t``
+    (the map is linear plus an offset, so attention can average the coded vectors and map the average once).
+
+    Args:
+        weighted: float ``[B, H, ..., D]`` (float32 or float64; computed in its dtype).
+        weight: ``sum_t w_t`` ``[B, H, ...]``, or None for single vectors (weight 1: :func:`decode_values`).
+        hadamard: ``[D, D]`` float32. norm_mean, norm_scale: ``[B, H, D]`` float32 per-channel normalization.
+
+    Returns:
+        ``[B, H, ..., D]`` in ``weighted``'s dtype.
+    """
+    extra = [1] * (weighted.dim() - 3)
+    mean = norm_mean.view(*norm_mean.shape[:2], *extra, -1).to(weighted.dtype)
+    scale = norm_scale.view(*norm_scale.shape[:2], *extra, -1).to(weighted.dtype)
+    y = (weighted @ hadamard.to(weighted.dtype)) * scale
+    return y + (mean if weight is None else mean * weight[..., None])

@@ -89,57 +89,82 @@ def score_tile(query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, ro
     return s.view(batch, kv_heads, q_heads // kv_heads, t, n).add_(bias[:, None, None])
 
 
-def _absorb_tile(m, l, acc, query, key, value, visible, rows, scaling) -> None:
+def _absorb_tile(m, l, acc, coded, query, key, value, visible, value_scale, rows, scaling) -> None:
     """Fold one score tile (queries ``rows`` x one key block) into the running state ``m``, ``l`` ``[B, H, G, q]``
-    and ``acc`` ``[B, H, G, q, D]`` (or None), in place; the tile dies on return."""
+    and ``acc`` ``[B, H, G, q, D]`` (or None), in place; the tile dies on return. ``coded`` is None or the
+    ``(acc, l)`` of the blocks whose values are coded (``value_scale`` ``[B, H, n]`` given): those add
+    ``exp(s - m) * value_scale`` weighted values there instead of into ``acc`` (both states are rescaled together)."""
     s = score_tile(query, key, visible, rows, scaling)  # [B, H, G, t, n]
     m_old, l_old = m[..., rows], l[..., rows]
     m_new = torch.maximum(m_old, s.amax(-1))
     m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)  # nothing seen yet: exp(-inf - 0) = 0, never NaN
     alpha = (m_old - m_use).exp_()
     p = s.sub_(m_use[..., None]).exp_()
-    l_old.mul_(alpha).add_(p.sum(-1))
+    p_sum = p.sum(-1)
+    l_old.mul_(alpha).add_(p_sum)
     if acc is not None:
-        a = acc[..., rows, :]
+        target = acc[..., rows, :].mul_(alpha[..., None])
+        if coded is not None:
+            coded_acc, coded_l = coded[0][..., rows, :].mul_(alpha[..., None]), coded[1][..., rows].mul_(alpha)
+            if value_scale is not None:
+                target = coded_acc
+                coded_l.add_(p_sum)
+                p = p.mul_(value_scale[:, :, None, None, :].to(p.dtype))
         pv = torch.matmul(p.view(*p.shape[:2], -1, p.shape[-1]), value)  # [B, H, G * t, D]
-        a.mul_(alpha[..., None]).add_(pv.view(a.shape))
+        target.add_(pv.view(target.shape))
     m_old.copy_(m_new)
 
 
-def _online_softmax(query, blocks, scaling, query_tile, with_values):
+def _online_softmax(query, blocks, scaling, query_tile, with_values, value_map=None):
     batch, q_heads, q_len, head_dim = query.shape
     compute = compute_dtype(query.dtype)
     m = torch.full((batch, q_heads, q_len), float("-inf"), dtype=compute, device=query.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(batch, q_heads, q_len, head_dim, dtype=compute, device=query.device) if with_values else None
-    for key, value, visible in blocks:
+    coded = (torch.zeros_like(acc), torch.zeros_like(l)) if value_map is not None else None
+    for key, value, visible, *value_scale in blocks:
+        value_scale = value_scale[0] if value_scale else None
+        if value_scale is not None and coded is None:
+            raise ValueError("a block with value scales (coded values) needs attention_blocks(..., value_map=...)")
         key, value = key.to(compute), value.to(compute) if with_values else None
         grouped = (batch, key.shape[1], q_heads // key.shape[1], q_len)  # [B, H, G, q]
-        state = (m.view(grouped), l.view(grouped), acc.view(*grouped, head_dim) if with_values else None)
+        state = (m.view(grouped), l.view(grouped), acc.view(*grouped, head_dim) if with_values else None,
+                 None if coded is None else (coded[0].view(*grouped, head_dim), coded[1].view(grouped)))
         for start in range(0, q_len, query_tile):
-            _absorb_tile(*state, query, key, value, visible, slice(start, start + query_tile), scaling)
+            _absorb_tile(*state, query, key, value, visible, value_scale, slice(start, start + query_tile), scaling)
         del key, value, visible  # dropped before the next block is produced: one block alive at a time
     lse = m + l.log()  # -inf for a query that saw nothing (m = -inf, l = 0)
+    if coded is not None:
+        acc.add_(value_map(*coded))
     out = acc.div_(l.clamp(min=1.0)[..., None]) if with_values else None  # l >= 1 once anything was seen
     return out, lse
 
 
-def attention_blocks(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
-                     scaling: float, query_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_blocks(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, ...]], *, scaling: float,
+                     query_tile: int, value_map=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``query`` over key/value blocks, by online softmax (module docstring).
 
     Args:
         query: ``[B, Hq, q, D]`` post-RoPE queries, any float dtype.
         blocks: ``(key, value, visible)`` per key block: float ``[B, H, n_i, D]`` (cast to the compute dtype
-            one block at a time) and bool ``[B, q or 1, n_i]``; consumed once, in order.
+            one block at a time) and bool ``[B, q or 1, n_i]``; consumed once, in order. A block of coded values
+            adds a fourth element, float ``[B, H, n_i]`` scales ``s``: its ``value`` rows are ``x`` with the
+            values ``f(s * x)`` for a linear map plus offset ``f`` (the codec's, :func:`~nqcompile.codec.kv.fold_values`),
+            so the weighted sum ``sum_t p_t s_t x_t`` is accumulated and mapped once at the end.
         scaling: softmax scale. query_tile: queries per score tile (:func:`tile_sizes`).
+        value_map: with coded blocks, ``value_map(weighted, weight)`` turns ``weighted`` ``[B, Hq, q, D]``
+            ``= sum_t p_t s_t x_t`` and ``weight`` ``[B, Hq, q]`` ``= sum_t p_t`` (over the coded tokens, ``p`` the
+            unnormalized softmax weights) into ``sum_t p_t f(s_t x_t)``, in the compute dtype.
 
     Returns:
         ``(out, lse)`` in the compute dtype: ``out`` ``[B, Hq, q, D]`` the softmax-weighted values, ``lse``
         ``[B, Hq, q]`` the natural log of ``sum exp(scaling * q . k)`` over the visible keys. A query that sees
         no key gets ``out = 0`` and ``lse = -inf`` (never NaN).
+
+    Raises:
+        ValueError: a block with scales but no ``value_map``.
     """
-    return _online_softmax(query, blocks, scaling, query_tile, with_values=True)
+    return _online_softmax(query, blocks, scaling, query_tile, with_values=True, value_map=value_map)
 
 
 def logsumexp_blocks(query: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], *, scaling: float,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values
+from ..codec.kv import KVTransform, decode_keys, decode_values, encode_keys, encode_values, fold_values, value_rows
 from .blockwise import attention_blocks, compute_dtype, tile_sizes
 
 __all__ = ["write_kv", "gather_tokens", "dequant_kv", "dequant_attention", "dequant_attention_lse", "write_slots"]
@@ -140,15 +140,20 @@ def _(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_
 
 
 def _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, stop, codec):
-    """Code slots ``start:stop`` as ``(keys, values, visible)``: float32 keys/values ``[B, H, n, D]`` (the float codes
-    themselves for the ``exact`` kind) and ``visible = slot < limit`` ``[B, 1 or q, n]``."""
+    """Code slots ``start:stop`` as ``(keys, values, visible)`` for the ``exact`` kind (the float codes themselves),
+    else ``(keys, x, visible, s)``: float32 keys ``[B, H, n, D]``, the values' unit-RMS code vectors ``x`` and scales
+    ``s`` ``[B, H, n]`` (:func:`~nqcompile.codec.kv.value_rows`; the attention maps their weighted sum once, by
+    :func:`~nqcompile.codec.kv.fold_values`), and ``visible = slot < limit`` ``[B, 1 or q, n]``."""
     sl = slice(start, stop)
-    if codec[4] == "exact":  # the kind
-        k, v = k_codes[:, :, sl], v_codes[:, :, sl]
-    else:
-        k, v = _decode(k_codes[:, :, sl], k_scales[:, :, sl], v_codes[:, :, sl], v_scales[:, :, sl], code_pos[:, :, sl],
-                       *codec)
-    return k, v, torch.arange(start, start + k.shape[2], device=k.device) < limit
+    hadamard, inv_freq, norm_mean, norm_scale, kind = codec[:5]
+    if kind == "exact":
+        k = k_codes[:, :, sl]
+        return k, v_codes[:, :, sl], torch.arange(start, start + k.shape[2], device=k.device) < limit
+    t = KVTransform(*codec[4:])
+    k = decode_keys(k_codes[:, :, sl], k_scales[:, :, sl], code_pos[:, :, sl], hadamard, inv_freq, norm_mean[0],
+                    norm_scale[0], t)
+    x, s = value_rows(v_codes[:, :, sl], v_scales[:, :, sl], hadamard.shape[0], t)
+    return k, x, torch.arange(start, start + k.shape[2], device=k.device) < limit, s
 
 
 def _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
@@ -174,7 +179,15 @@ def _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, 
              layout)
     blocks = _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
                           key_block)
-    out, lse = attention_blocks(query, blocks, scaling=scaling, query_tile=query_tile)
+    kv_heads = k_codes.shape[1]
+
+    def value_map(weighted, weight):  # [B, Hq, q, D], [B, Hq, q] -> per KV head [B, H, G, q, D] and back
+        grouped = weighted.view(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)
+        return fold_values(grouped, weight.view(grouped.shape[:-1]), hadamard, norm_mean[1],
+                           norm_scale[1]).view(weighted.shape)
+
+    out, lse = attention_blocks(query, blocks, scaling=scaling, query_tile=query_tile,
+                                value_map=None if kind == "exact" else value_map)
     return out.to(query.dtype), lse
 
 
