@@ -39,6 +39,7 @@ from ..presets import Preset
 from .compress import relax_key_bits, set_norm
 from .layer import NexusLayer
 from .storage import LayerStorage, first_slots, ordered_index, take_slots
+from .tiers import keep_unflushed, window_stream
 
 __all__ = ["SlidingLayer", "chunk_attention", "relayout", "ring_capacity", "ring_steps"]
 
@@ -211,20 +212,11 @@ def ring_steps(st: LayerStorage, window: int, query: torch.Tensor, key: torch.Te
     Returns:
         ``[B, Hq, q, D]`` attention output in the query's dtype.
     """
-    r_cap, q_len, dev = st.win_k.shape[2], key.shape[2], st.device
+    q_len, dev = key.shape[2], st.device
     n_flush = round_up_to_block(q_len)
     positions = positions.to(torch.int64)
-    old_win = st.win_len.clone()
-    steps = torch.arange(q_len, device=dev)
-    over = (old_win[:, None] + steps[None] + 1 - r_cap).clamp(min=0)
-    flushed = (over + BLOCK_TOKENS - 1) // BLOCK_TOKENS * BLOCK_TOKENS  # [B, q] stream tokens flushed by step t
-    total = flushed[:, -1]
-    i = torch.arange(r_cap + q_len, device=dev)[None]
-    src = torch.where(i < old_win[:, None], i, r_cap + i - old_win[:, None]).clamp(max=r_cap + q_len - 1)
-    hsrc = src[:, None].expand(-1, st.heads, -1)
-    sk = ops.gather_tokens(torch.cat([st.win_k, key], 2), hsrc)
-    sv = ops.gather_tokens(torch.cat([st.win_v, value], 2), hsrc)
-    spos = torch.cat([st.win_pos, positions], 1).gather(1, src)
+    stream = window_stream(st, key, value, positions)
+    flushed, total, sk, sv, spos = stream.flushed, stream.total, stream.keys, stream.values, stream.positions
     ring_pos = _ring_positions(st)
     rk, rv = _decode(st, tuple(getattr(st, name) for name in _CODE_BUFFERS), st.code_pos)
     keys, values, mask = [rk], [rv], [_sees(positions, ring_pos, window)]
@@ -236,16 +228,11 @@ def ring_steps(st: LayerStorage, window: int, query: torch.Tensor, key: torch.Te
         j = torch.arange(n_flush, device=dev)[None, None]
         keys, values = keys + [bk], values + [bv]
         mask.append(_sees(positions, fpos, window) & (j < flushed[:, :, None]))
-    visible = (i[:, None] >= flushed[:, :, None]) & (i[:, None] <= (old_win[:, None] + steps[None])[:, :, None])
-    mask.append(_sees(positions, spos, window) & visible)
+    mask.append(_sees(positions, spos, window) & stream.visible())
     out = _attend(st, query, torch.cat(keys + [sk], 2), torch.cat(values + [sv], 2), torch.cat(mask, 2), scaling)
     if flushing:
         _ring_write(st, block, fpos, total)
-    keep = (torch.arange(r_cap, device=dev)[None] + total[:, None]).clamp(max=r_cap + q_len - 1)
-    st.win_k.copy_(ops.gather_tokens(sk, keep[:, None].expand(-1, st.heads, -1)))
-    st.win_v.copy_(ops.gather_tokens(sv, keep[:, None].expand(-1, st.heads, -1)))
-    st.win_pos.copy_(spos.gather(1, keep))
-    st.win_len.copy_(old_win + q_len - total)
+    keep_unflushed(st, stream)
     return out
 
 

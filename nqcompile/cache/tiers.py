@@ -16,6 +16,8 @@ anything is flushed, and how many code slots are held) so as to skip the writes 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import ops
@@ -23,7 +25,58 @@ from ..ops.layout import BLOCK_TOKENS, round_up_to_block
 from ..ops.reference import write_slots
 from .storage import LayerStorage, first_slots, take_slots
 
-__all__ = ["decode_steps", "store_kept", "warm_flow"]
+__all__ = ["decode_steps", "store_kept", "warm_flow", "WindowStream", "window_stream", "keep_unflushed"]
+
+
+class WindowStream(NamedTuple):
+    """The exact window's tokens and ``q`` new ones in time order, and what ``q`` steps flush of them
+    (:func:`window_stream`). ``R``: the window's capacity; ``q``: the new tokens."""
+
+    #: ``[B]`` tokens in the window before the steps.
+    old_len: torch.Tensor
+    #: ``[B, q]`` stream tokens flushed once step ``t`` has added its token (whole blocks, oldest first).
+    flushed: torch.Tensor
+    #: ``[B]`` stream tokens the ``q`` steps flush (``flushed[:, -1]``).
+    total: torch.Tensor
+    #: ``[B, H, R + q, D]`` keys and values of the stream (slots past ``old_len + q`` repeat the last token).
+    keys: torch.Tensor
+    values: torch.Tensor
+    #: ``[B, R + q]`` int64 positions of the stream.
+    positions: torch.Tensor
+
+    def visible(self) -> torch.Tensor:
+        """``[B, q, R + q]`` bool: stream token ``i`` is in the window at step ``t`` while
+        ``flushed[t] <= i <= old_len + t``."""
+        q_len = self.flushed.shape[1]
+        i = torch.arange(self.keys.shape[2], device=self.keys.device)[None, None]
+        t = torch.arange(q_len, device=self.keys.device)[None, :, None]
+        return (i >= self.flushed[:, :, None]) & (i <= self.old_len[:, None, None] + t)
+
+
+def window_stream(st: LayerStorage, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> WindowStream:
+    """The window's tokens followed by ``key``/``value`` ``[B, H, q, D]`` at ``positions`` ``[B, q]``, and the
+    16-token blocks ``q`` decode steps flush from its front when it is full (static shapes: they depend on ``q``)."""
+    r_cap, q_len, dev = st.win_k.shape[2], key.shape[2], st.device
+    old_len = st.win_len.clone()
+    steps = torch.arange(q_len, device=dev)
+    over = (old_len[:, None] + steps[None] + 1 - r_cap).clamp(min=0)
+    flushed = (over + BLOCK_TOKENS - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    i = torch.arange(r_cap + q_len, device=dev)[None]
+    src = torch.where(i < old_len[:, None], i, r_cap + i - old_len[:, None]).clamp(max=r_cap + q_len - 1)
+    hsrc = src[:, None].expand(-1, st.heads, -1)
+    return WindowStream(old_len, flushed, flushed[:, -1], ops.gather_tokens(torch.cat([st.win_k, key], 2), hsrc),
+                        ops.gather_tokens(torch.cat([st.win_v, value], 2), hsrc),
+                        torch.cat([st.win_pos, positions.to(torch.int64)], 1).gather(1, src))
+
+
+def keep_unflushed(st: LayerStorage, stream: WindowStream) -> None:
+    """The window keeps the stream tokens the steps did not flush, left-aligned (in place)."""
+    r_cap, q_len = st.win_k.shape[2], stream.flushed.shape[1]
+    keep = (torch.arange(r_cap, device=st.device)[None] + stream.total[:, None]).clamp(max=r_cap + q_len - 1)
+    st.win_k.copy_(ops.gather_tokens(stream.keys, keep[:, None].expand(-1, st.heads, -1)))
+    st.win_v.copy_(ops.gather_tokens(stream.values, keep[:, None].expand(-1, st.heads, -1)))
+    st.win_pos.copy_(stream.positions.gather(1, keep))
+    st.win_len.copy_(stream.old_len + q_len - stream.total)
 
 
 def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -42,21 +95,10 @@ def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value
     Returns:
         ``[B, Hq, q, D]`` attention output in the query's dtype.
     """
-    r_cap, q_len, dev = st.win_k.shape[2], key.shape[2], st.device
+    q_len, dev = key.shape[2], st.device
     n_flush = round_up_to_block(q_len)  # the most stream tokens q steps can flush
-    old_win = st.win_len.clone()
-    steps = torch.arange(q_len, device=dev)
-    # flushed[b, t]: stream tokens flushed once step t has added its token (whole blocks, oldest first).
-    over = (old_win[:, None] + steps[None] + 1 - r_cap).clamp(min=0)
-    flushed = (over + BLOCK_TOKENS - 1) // BLOCK_TOKENS * BLOCK_TOKENS
-    total = flushed[:, -1]
-    # The stream of exact tokens in time order: the old window's tokens, then the new ones.
-    i = torch.arange(r_cap + q_len, device=dev)[None]
-    src = torch.where(i < old_win[:, None], i, r_cap + i - old_win[:, None]).clamp(max=r_cap + q_len - 1)
-    hsrc = src[:, None].expand(-1, st.heads, -1)
-    sk = ops.gather_tokens(torch.cat([st.win_k, key], 2), hsrc)
-    sv = ops.gather_tokens(torch.cat([st.win_v, value], 2), hsrc)
-    spos = torch.cat([st.win_pos, positions.to(torch.int64)], 1).gather(1, src)
+    stream = window_stream(st, key, value, positions)
+    flushed, total, sk, sv, spos = stream.flushed, stream.total, stream.keys, stream.values, stream.positions
     fk, fv, fpos = sk[:, :, :n_flush], sv[:, :, :n_flush], spos[:, None, :n_flush].expand(-1, st.heads, -1)
     sink_valid = first_slots(st.sink_len, st.sink_k.shape[2])
     exact_k, exact_v, exact_mask = [st.sink_k], [st.sink_v], [sink_valid[:, None, :].expand(-1, q_len, -1)]
@@ -83,16 +125,10 @@ def decode_steps(st: LayerStorage, query: torch.Tensor, key: torch.Tensor, value
         to_codes = flushed
         if flushing:
             st.write(fk, fv, fpos, total)
-    # Stream token i is visible to query t while flushed[t] <= i <= old_win + t.
-    exact_mask.append((i[:, None] >= flushed[:, :, None]) & (i[:, None] <= (old_win[:, None] + steps[None])[:, :, None]))
+    exact_mask.append(stream.visible())
     out = st.attend(query, torch.cat(exact_k + [sk], 2), torch.cat(exact_v + [sv], 2), torch.cat(exact_mask, 2),
                     scaling, code_len=code_start[:, None] + to_codes, full=compiling)
-    # The window keeps the stream tokens not flushed, left-aligned.
-    keep = (torch.arange(r_cap, device=dev)[None] + total[:, None]).clamp(max=r_cap + q_len - 1)
-    st.win_k.copy_(ops.gather_tokens(sk, keep[:, None].expand(-1, st.heads, -1)))
-    st.win_v.copy_(ops.gather_tokens(sv, keep[:, None].expand(-1, st.heads, -1)))
-    st.win_pos.copy_(spos.gather(1, keep))
-    st.win_len.copy_(old_win + q_len - total)
+    keep_unflushed(st, stream)
     return out
 
 

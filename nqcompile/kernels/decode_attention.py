@@ -53,7 +53,7 @@ from ..codec.hadamard import is_hadamard_order
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
 from ..codec.rope import LAYOUTS
-from .lattice import centroid_table, cos_sin, decode_scales, e8_codewords, pow2
+from .lattice import centroid_table, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
            "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
@@ -95,24 +95,8 @@ def _code_split_kernel(
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    P: tl.constexpr = D // 2
-    R2: tl.constexpr = ROTARY // 2
-    T2: tl.constexpr = (D - ROTARY) // 2
 
-    # RoPE pairs: dim ca[i] (first) with cb[i] (second), at inverse frequency freq[i] and amplitude amp[i].
-    i = tl.arange(0, BLOCK_P)
-    pair = i < P
-    rot = i < R2
-    if INTERLEAVED:
-        ca = tl.where(rot, 2 * i, ROTARY + (i - R2))
-        cb = tl.where(rot, 2 * i + 1, ROTARY + T2 + (i - R2))
-    else:
-        ca = tl.where(rot, i, ROTARY + (i - R2))
-        cb = tl.where(rot, i + R2, ROTARY + T2 + (i - R2))
-    ca = tl.where(pair, ca, 0)
-    cb = tl.where(pair, cb, 0)
-    freq = tl.load(freq_ptr + i, mask=rot, other=0.0)
-    amp = tl.where(rot, attention_scaling, 1.0)
+    pair, ca, cb, freq, amp = rope_pairs(freq_ptr, attention_scaling, D, ROTARY, INTERLEAVED, BLOCK_P)
 
     g = tl.arange(0, BLOCK_G)
     q_rows = q_ptr + b * sq_b + (h * G + g) * sq_h
@@ -151,14 +135,8 @@ def _code_split_kernel(
         ck = e8_codewords(kc_ptr + b * skc_b + h * skc_h + t * skc_t, skc_c, live, KEY_BITS, D, BLOCK_N, BLOCK_D)
         ck = ck.to(tl.float16)
         unit = decode_scales(ks_ptr + b * sks_b + h * sks_h + t * sks_t, live) * key_unit
-        pre_a = (tl.dot(ck, ha) - mu_a[None, :]) * unit[:, None] * scale_a[None, :] + mean_a[None, :]
-        pre_b = (tl.dot(ck, hb) - mu_b[None, :]) * unit[:, None] * scale_b[None, :] + mean_b[None, :]
         pos = tl.load(pos_ptr + b * sp_b + h * sp_h + t * sp_t, mask=live, other=0).to(tl.float32)
-        cos, sin = cos_sin(pos[:, None] * freq[None, :], TWO_PI)
-        cos = cos * amp[None, :]
-        sin = sin * amp[None, :]
-        k_a = pre_a * cos - pre_b * sin
-        k_b = pre_b * cos + pre_a * sin
+        k_a, k_b = rotated_keys(ck, unit, pos, ha, hb, mu_a, mu_b, scale_a, scale_b, mean_a, mean_b, freq, amp, TWO_PI)
         s = tl.dot(qa, tl.trans(k_a), input_precision="ieee") + tl.dot(qb, tl.trans(k_b), input_precision="ieee")
         s = tl.where(live[None, :], s, float("-inf"))
         # Online softmax (base 2); m_use keeps exp2 finite while nothing has been seen.

@@ -29,7 +29,7 @@ from ..codec.hadamard import is_hadamard_order
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
 from ..codec.rope import LAYOUTS
-from .lattice import cos_sin, decode_scales, e8_codewords, pow2
+from .lattice import decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_dequant_kv", "unsupported_reason", "MAX_HEAD_DIM"]
 
@@ -57,24 +57,8 @@ def _dequant_kernel(
     h = (bh % H).to(tl.int64)
     t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = t < N
-    P: tl.constexpr = D // 2
-    R2: tl.constexpr = ROTARY // 2
-    T2: tl.constexpr = (D - ROTARY) // 2
 
-    # RoPE pairs: dim ca[i] (first) with cb[i] (second), at inverse frequency freq[i] and amplitude amp[i].
-    i = tl.arange(0, BLOCK_P)
-    pair = i < P
-    rot = i < R2
-    if INTERLEAVED:
-        ca = tl.where(rot, 2 * i, ROTARY + (i - R2))
-        cb = tl.where(rot, 2 * i + 1, ROTARY + T2 + (i - R2))
-    else:
-        ca = tl.where(rot, i, ROTARY + (i - R2))
-        cb = tl.where(rot, i + R2, ROTARY + T2 + (i - R2))
-    ca = tl.where(pair, ca, 0)
-    cb = tl.where(pair, cb, 0)
-    freq = tl.load(freq_ptr + i, mask=rot, other=0.0)
-    amp = tl.where(rot, attention_scaling, 1.0)
+    pair, ca, cb, freq, amp = rope_pairs(freq_ptr, attention_scaling, D, ROTARY, INTERLEAVED, BLOCK_P)
 
     r = tl.arange(0, BLOCK_D)
     r_ok = r < D
@@ -94,15 +78,11 @@ def _dequant_kernel(
     mean_b = tl.load(kmean_ptr + norm + cb * sn_d, mask=pair, other=0.0)
     scale_a = tl.load(kscale_ptr + norm + ca * sn_d, mask=pair, other=0.0)
     scale_b = tl.load(kscale_ptr + norm + cb * sn_d, mask=pair, other=0.0)
-    pre_a = (tl.dot(ck, ha) - mu_a[None, :]) * unit[:, None] * scale_a[None, :] + mean_a[None, :]
-    pre_b = (tl.dot(ck, hb) - mu_b[None, :]) * unit[:, None] * scale_b[None, :] + mean_b[None, :]
     pos = tl.load(pos_ptr + b * sp_b + h * sp_h + t * sp_t, mask=live, other=0).to(tl.float32)
-    cos, sin = cos_sin(pos[:, None] * freq[None, :], TWO_PI)
-    cos = cos * amp[None, :]
-    sin = sin * amp[None, :]
+    k_a, k_b = rotated_keys(ck, unit, pos, ha, hb, mu_a, mu_b, scale_a, scale_b, mean_a, mean_b, freq, amp, TWO_PI)
     keep = live[:, None] & pair[None, :]
-    tl.store(ko_ptr + out_rows[:, None] + ca[None, :], pre_a * cos - pre_b * sin, mask=keep)
-    tl.store(ko_ptr + out_rows[:, None] + cb[None, :], pre_b * cos + pre_a * sin, mask=keep)
+    tl.store(ko_ptr + out_rows[:, None] + ca[None, :], k_a, mask=keep)
+    tl.store(ko_ptr + out_rows[:, None] + cb[None, :], k_b, mask=keep)
     # Values: x H, de-normalized.
     hv = tl.load(hpm_ptr + r[:, None] * D + r[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
     value_mu = tl.load(cent_ptr + (VALUE_BITS - 2) * 8 + r % 8, mask=r_ok, other=0.0)

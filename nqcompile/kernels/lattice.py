@@ -1,4 +1,5 @@
-"""Triton device functions shared by the kernels: E8 codewords from packed labels, one-byte scales, RoPE angles.
+"""Triton device functions shared by the kernels: E8 codewords from packed labels, one-byte scales, RoPE pairs
+and angles.
 
 Each is a ``triton.jit`` function called from inside a kernel (never launched on its own), except
 :func:`centroid_table`, the codebooks' centroids the kernels take as an input. The E8 decode is that of
@@ -17,7 +18,7 @@ from ..codec.constants import on_device
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
 
-__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin", "centroid_table"]
+__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin", "rope_pairs", "rotated_keys", "centroid_table"]
 
 
 def pow2(n: int) -> int:
@@ -94,6 +95,44 @@ def cos_sin(angle, TWO_PI: tl.constexpr):
     a = angle.to(tl.float64)
     r = (a - TWO_PI * tl.floor(a * (1.0 / TWO_PI) + 0.5)).to(tl.float32)
     return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def rope_pairs(freq_ptr, attention_scaling, D: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+               BLOCK_P: tl.constexpr):
+    """The ``D / 2`` RoPE pairs of a head, as ``(pair, ca, cb, freq, amp)`` ``[BLOCK_P]``: pair ``i`` (valid where
+    ``pair``) rotates dim ``ca[i]`` (first) with ``cb[i]`` (second) at inverse frequency ``freq[i]`` (loaded from
+    ``freq_ptr``) and amplitude ``amp[i]``. ``"half"`` pairs ``i`` with ``i + ROTARY / 2``, ``INTERLEAVED`` ``2i`` with
+    ``2i + 1``; the ``D - ROTARY`` dims past the rotary ones pair among themselves with angle 0 and amplitude 1."""
+    P: tl.constexpr = D // 2
+    R2: tl.constexpr = ROTARY // 2
+    T2: tl.constexpr = (D - ROTARY) // 2
+    i = tl.arange(0, BLOCK_P)
+    pair = i < P
+    rot = i < R2
+    if INTERLEAVED:
+        ca = tl.where(rot, 2 * i, ROTARY + (i - R2))
+        cb = tl.where(rot, 2 * i + 1, ROTARY + T2 + (i - R2))
+    else:
+        ca = tl.where(rot, i, ROTARY + (i - R2))
+        cb = tl.where(rot, i + R2, ROTARY + T2 + (i - R2))
+    freq = tl.load(freq_ptr + i, mask=rot, other=0.0)
+    return pair, tl.where(pair, ca, 0), tl.where(pair, cb, 0), freq, tl.where(rot, attention_scaling, 1.0)
+
+
+@triton.jit
+def rotated_keys(ck, unit, pos, ha, hb, mu_a, mu_b, scale_a, scale_b, mean_a, mean_b, freq, amp, TWO_PI: tl.constexpr):
+    """Post-RoPE keys of ``N`` slots in the halves ``A``, ``B`` of the RoPE pairs (:func:`rope_pairs`), float32
+    ``[N, P]`` each, from their codewords ``ck`` (float16 ``[N, D]``, exact), ``unit`` ``[N]`` (decoded scale times
+    ``gain / sqrt(D)``) and positions ``pos`` ``[N]``: ``x H = unit * (ck @ sqrt(D) H - centroid @ sqrt(D) H)`` taken
+    on the pairs' columns (``ha``, ``hb``: ``sqrt(D) H`` float16 ``[D, P]``; ``mu_a``, ``mu_b``: the centroid's
+    product), de-normalized by the pre-RoPE per-channel ``scale``/``mean`` of those columns, then rotated."""
+    pre_a = (tl.dot(ck, ha) - mu_a[None, :]) * unit[:, None] * scale_a[None, :] + mean_a[None, :]
+    pre_b = (tl.dot(ck, hb) - mu_b[None, :]) * unit[:, None] * scale_b[None, :] + mean_b[None, :]
+    cos, sin = cos_sin(pos[:, None] * freq[None, :], TWO_PI)
+    cos = cos * amp[None, :]
+    sin = sin * amp[None, :]
+    return pre_a * cos - pre_b * sin, pre_b * cos + pre_a * sin
 
 
 _CENTROIDS = torch.stack([code_for("e8", bits).shift for bits in E8_BITS]).float()
