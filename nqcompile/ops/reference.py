@@ -146,14 +146,14 @@ def _code_block(k_codes, k_scales, v_codes, v_scales, code_pos, limit, start, st
     :func:`~nqcompile.codec.kv.fold_values`), and ``visible = slot < limit`` ``[B, 1 or q, n]``."""
     sl = slice(start, stop)
     hadamard, inv_freq, norm_mean, norm_scale, kind = codec[:5]
+    visible = torch.arange(start, start + k_codes[:, :, sl].shape[2], device=k_codes.device) < limit
     if kind == "exact":
-        k = k_codes[:, :, sl]
-        return k, v_codes[:, :, sl], torch.arange(start, start + k.shape[2], device=k.device) < limit
+        return k_codes[:, :, sl], v_codes[:, :, sl], visible
     t = KVTransform(*codec[4:])
     k = decode_keys(k_codes[:, :, sl], k_scales[:, :, sl], code_pos[:, :, sl], hadamard, inv_freq, norm_mean[0],
                     norm_scale[0], t)
     x, s = value_rows(v_codes[:, :, sl], v_scales[:, :, sl], hadamard.shape[0], t)
-    return k, x, torch.arange(start, start + k.shape[2], device=k.device) < limit, s
+    return k, x, visible, s
 
 
 def _held_blocks(k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, codec,
