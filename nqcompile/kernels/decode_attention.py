@@ -49,11 +49,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..codec.hadamard import is_hadamard_order
-from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
-from ..codec.rope import LAYOUTS
-from .lattice import centroid_table, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
+from .lattice import centroid_table, codec_reason, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
            "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
@@ -381,18 +378,13 @@ def unsupported_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tenso
     dim = query.shape[-1]
     if query.dim() != 4 or query.shape[2] != 1:
         return f"the kernel decodes one query per sequence, got query shape {tuple(query.shape)}"
-    if kind != "e8":
-        return f"the kernel decodes E8 codes, got kind {kind!r}"
-    if any(b not in E8_BITS for b in bits):
-        return f"E8 bit widths {bits} outside {E8_BITS}"
+    codec = codec_reason(kind, bits, dim, rotary_dim, layout, inv_freq, MAX_HEAD_DIM)
+    if codec is not None:
+        return codec
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"query dtype {query.dtype} (the kernel computes in float32 for float16/bfloat16/float32 queries)"
     if query.shape[1] % kv_heads or query.shape[1] // kv_heads > MAX_GROUP:
         return f"{query.shape[1]} query heads over {kv_heads} KV heads (a group of at most {MAX_GROUP} expected)"
-    if dim % 8 or dim > MAX_HEAD_DIM or not is_hadamard_order(dim):
-        return f"head_dim {dim}: the kernel needs a multiple of 8 up to {MAX_HEAD_DIM} with a ±1 Hadamard matrix"
-    if layout not in LAYOUTS or rotary_dim % 2 or not 0 <= rotary_dim <= dim or inv_freq.numel() != rotary_dim // 2:
-        return f"RoPE layout {layout!r} / rotary_dim {rotary_dim} / {inv_freq.numel()} inverse frequencies"
     if code_len.dim() not in (1, 2) or (code_len.dim() == 2 and code_len.shape[1] != 1):
         return f"code_len shape {tuple(code_len.shape)} (one length per sequence expected)"
     if exact_mask.shape[1] != 1 or (warm_mask is not None and warm_mask.shape[1] != 1):

@@ -25,11 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..codec.hadamard import is_hadamard_order
-from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
-from ..codec.rope import LAYOUTS
-from .lattice import decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
+from .lattice import codec_reason, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_dequant_kv", "unsupported_reason", "MAX_HEAD_DIM"]
 
@@ -160,14 +157,6 @@ def unsupported_reason(k_codes: torch.Tensor, kind: str, bits: tuple[int, ...], 
     Returns:
         None, or a sentence naming the first unsupported property (the caller then runs the torch reference).
     """
-    if kind != "e8":
-        return f"the kernel decodes E8 codes, got kind {kind!r}"
-    if any(b not in E8_BITS for b in bits):
-        return f"E8 bit widths {bits} outside {E8_BITS}"
     if k_codes.dim() != 4 or k_codes.dtype != torch.uint8:
         return f"codes of shape {tuple(k_codes.shape)} and dtype {k_codes.dtype} (uint8 [B, H, n, bytes] expected)"
-    if dim % 8 or dim > MAX_HEAD_DIM or not is_hadamard_order(dim):
-        return f"head_dim {dim}: the kernel needs a multiple of 8 up to {MAX_HEAD_DIM} with a ±1 Hadamard matrix"
-    if layout not in LAYOUTS or rotary_dim % 2 or not 0 <= rotary_dim <= dim or inv_freq.numel() != rotary_dim // 2:
-        return f"RoPE layout {layout!r} / rotary_dim {rotary_dim} / {inv_freq.numel()} inverse frequencies"
-    return None
+    return codec_reason(kind, bits, dim, rotary_dim, layout, inv_freq, MAX_HEAD_DIM)

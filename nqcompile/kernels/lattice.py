@@ -15,10 +15,13 @@ import triton
 import triton.language as tl
 
 from ..codec.constants import on_device
+from ..codec.hadamard import is_hadamard_order
 from ..codec.lattice import E8_BITS
 from ..codec.registry import code_for
+from ..codec.rope import LAYOUTS
 
-__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin", "rope_pairs", "rotated_keys", "centroid_table"]
+__all__ = ["pow2", "d8_nearest", "e8_codewords", "decode_scales", "cos_sin", "rope_pairs", "rotated_keys", "centroid_table",
+           "codec_reason"]
 
 
 def pow2(n: int) -> int:
@@ -143,3 +146,21 @@ def centroid_table(device: torch.device | str) -> torch.Tensor:
     width of :data:`~nqcompile.codec.lattice.E8_BITS` (2, 3, 4): float32 ``[3, 8]`` on ``device``, built once per
     device (an input of the kernels' ops, so the ops themselves create no constant)."""
     return on_device(_CENTROIDS, device)
+
+
+def codec_reason(kind: str, bits: tuple[int, ...], dim: int, rotary_dim: int, layout: str, inv_freq: torch.Tensor,
+                 max_head_dim: int) -> str | None:
+    """Why a kernel over E8 codes cannot take this codec, or None when it can: E8 codes at the bit widths
+    :data:`~nqcompile.codec.lattice.E8_BITS` offers, a head dimension that is a multiple of 8 up to ``max_head_dim``
+    with a ``±1`` Hadamard matrix, and a RoPE the kernels apply (a layout of
+    :data:`~nqcompile.codec.rope.LAYOUTS`, an even ``rotary_dim <= dim`` with ``rotary_dim / 2`` inverse
+    frequencies). Reads static arguments and shapes only."""
+    if kind != "e8":
+        return f"the kernel decodes E8 codes, got kind {kind!r}"
+    if any(b not in E8_BITS for b in bits):
+        return f"E8 bit widths {bits} outside {E8_BITS}"
+    if dim % 8 or dim > max_head_dim or not is_hadamard_order(dim):
+        return f"head_dim {dim}: the kernel needs a multiple of 8 up to {max_head_dim} with a ±1 Hadamard matrix"
+    if layout not in LAYOUTS or rotary_dim % 2 or not 0 <= rotary_dim <= dim or inv_freq.numel() != rotary_dim // 2:
+        return f"RoPE layout {layout!r} / rotary_dim {rotary_dim} / {inv_freq.numel()} inverse frequencies"
+    return None

@@ -18,6 +18,7 @@ The CPU implementations are the ops' own (the torch reference); these are regist
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 from typing import Optional
 
@@ -31,23 +32,22 @@ __all__ = ["decode_kernel_reason", "dequant_kernel_reason", "dequant_attention_c
 
 
 @functools.lru_cache(maxsize=None)
+def _kernel_module(name: str):
+    """The kernel module ``nqcompile.kernels.<name>`` (imported on first use: it imports Triton), or None without
+    Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"..kernels.{name}", __package__)
+
+
 def _kernel():
-    """The decode-attention kernel module (imported on first use: it imports Triton), or None without Triton."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from ..kernels import decode_attention
-
-    return decode_attention
+    """The decode-attention kernel module, or None without Triton."""
+    return _kernel_module("decode_attention")
 
 
-@functools.lru_cache(maxsize=None)
 def _dequant_kernel():
-    """The dequant kernel module (imported on first use), or None without Triton."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from ..kernels import dequant_kv as module
-
-    return module
+    """The dequant kernel module, or None without Triton."""
+    return _kernel_module("dequant_kv")
 
 
 def dequant_kernel_reason(k_codes: torch.Tensor, kind: str, bits: tuple[int, int], dim: int, rotary_dim: int,
