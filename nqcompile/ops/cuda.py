@@ -1,12 +1,15 @@
-"""CUDA implementations of ``nqcompile::dequant_attention``, ``nqcompile::cache_attention`` and
-``nqcompile::dequant_kv``: the Triton kernels where they apply, the torch reference everywhere else.
+"""CUDA implementations of ``nqcompile::dequant_attention``, ``nqcompile::dequant_attention_lse``,
+``nqcompile::cache_attention`` and ``nqcompile::dequant_kv``: the Triton kernels where they apply, the torch reference
+everywhere else.
 
 A call runs :func:`nqcompile.kernels.decode_attention.e8_decode_attention` when :func:`decode_kernel_reason` finds
 nothing against it: one query per sequence (a decode step), E8 codes at bit widths the codec offers, a head
 dimension with a ``±1`` Hadamard matrix up to the kernel's maximum, a float16/bfloat16/float32 query, and Triton
-installed. Every other call (prefill chunks, per-query code lengths, scalar codecs, exact storage, float64
-queries...) runs the same torch reference as the CPU. The choice reads shapes, dtypes and static arguments only, so
-it never synchronizes with the device and never changes between two calls of the same shapes.
+installed. A chunk of queries (a prefill chunk, the reconstruction re-read) over E8 codes runs
+:func:`nqcompile.ops.chunk_attention.chunk_attention` (the dequant kernel, then torch's fused attention kernels) where
+:func:`chunk_reason` finds nothing against it. Every other call (per-query code lengths, scalar codecs, exact storage,
+float32 or float64 queries...) runs the same torch reference as the CPU. The choice reads shapes, dtypes and static
+arguments only (and whether a CUDA graph is being captured), so it never changes between two calls of the same shapes.
 
 ``dequant_kv`` (the warm tier decoded to float, eager decode steps and flushes) runs
 :func:`nqcompile.kernels.dequant_kv.e8_dequant_kv` for E8 codes with a ``±1`` Hadamard matrix
@@ -24,11 +27,12 @@ from typing import Optional
 
 import torch
 
+from . import chunk_attention as _chunk
 from .fused import cache_attention, cache_attention_reference
-from .reference import _attention, _decode, dequant_attention, dequant_kv, write_kv
+from .reference import _attention, _decode, dequant_attention, dequant_attention_lse, dequant_kv, write_kv
 
-__all__ = ["decode_kernel_reason", "dequant_kernel_reason", "dequant_attention_cuda", "cache_attention_cuda",
-           "dequant_kv_cuda"]
+__all__ = ["decode_kernel_reason", "dequant_kernel_reason", "chunk_reason", "dequant_attention_cuda",
+           "dequant_attention_lse_cuda", "cache_attention_cuda", "dequant_kv_cuda"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,21 +101,56 @@ def decode_kernel_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Ten
                                      warm_mask)
 
 
-def dequant_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
-                           exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
-                           attention_scaling, rotary_dim, layout, scaling) -> torch.Tensor:
-    """``nqcompile::dequant_attention`` on CUDA (arguments and result as
-    :func:`~nqcompile.ops.reference.dequant_attention`): the decode kernel, else the torch reference."""
-    if decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind, (key_bits, value_bits), rotary_dim,
-                            layout, inv_freq) is None:
+def chunk_reason(query: torch.Tensor, k_codes: torch.Tensor, code_len: torch.Tensor, kind: str,
+                 bits: tuple[int, int], dim: int, rotary_dim: int, layout: str,
+                 inv_freq: torch.Tensor) -> Optional[str]:
+    """Why an attention call does not run :func:`~nqcompile.ops.chunk_attention.chunk_attention`, or None if it does
+    (:func:`nqcompile.ops.chunk_attention.unsupported_reason`, then :func:`dequant_kernel_reason`)."""
+    return (_chunk.unsupported_reason(query, code_len, kind)
+            or dequant_kernel_reason(k_codes, kind, bits, dim, rotary_dim, layout, inv_freq))
+
+
+def _attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
+                    hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
+                    rotary_dim, layout, scaling, with_lse: bool):
+    """The output (and log-sum-exp) by the decode kernel, the chunk path or the torch reference, in that order."""
+    args = (query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask, hadamard,
+            inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout,
+            scaling)
+    if not with_lse and decode_kernel_reason(query, k_codes.shape[1], code_len, exact_mask, kind,
+                                             (key_bits, value_bits), rotary_dim, layout, inv_freq) is None:
         kernel = _kernel()
         return kernel.e8_decode_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, None, None,
                                           None, None, None, None, 0, exact_k, exact_v, exact_mask, hadamard, inv_freq,
                                           norm_mean, norm_scale, kernel.centroid_table(query.device), key_bits,
                                           value_bits, attention_scaling, rotary_dim, layout, scaling)
-    return _attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
-                      hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling,
-                      rotary_dim, layout, scaling)[0]
+    if chunk_reason(query, k_codes, code_len, kind, (key_bits, value_bits), hadamard.shape[0], rotary_dim, layout,
+                    inv_freq) is None:
+        out, lse = _chunk.chunk_attention(*args)
+    else:
+        out, lse = _attention(*args)
+    return (out, lse) if with_lse else out
+
+
+def dequant_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
+                           exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                           attention_scaling, rotary_dim, layout, scaling) -> torch.Tensor:
+    """``nqcompile::dequant_attention`` on CUDA (arguments and result as
+    :func:`~nqcompile.ops.reference.dequant_attention`): the decode kernel, the chunk path, else the torch
+    reference."""
+    return _attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
+                           exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                           attention_scaling, rotary_dim, layout, scaling, with_lse=False)
+
+
+def dequant_attention_lse_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
+                               exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                               attention_scaling, rotary_dim, layout, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nqcompile::dequant_attention_lse`` on CUDA (arguments and result as
+    :func:`~nqcompile.ops.reference.dequant_attention_lse`): the chunk path, else the torch reference."""
+    return _attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v,
+                           exact_mask, hadamard, inv_freq, norm_mean, norm_scale, kind, key_bits, value_bits,
+                           attention_scaling, rotary_dim, layout, scaling, with_lse=True)
 
 
 def cache_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes, warm_k_scales,
@@ -142,5 +181,6 @@ def cache_attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, 
 
 
 dequant_attention.register_kernel("cuda")(dequant_attention_cuda)
+dequant_attention_lse.register_kernel("cuda")(dequant_attention_lse_cuda)
 cache_attention.register_kernel("cuda")(cache_attention_cuda)
 dequant_kv.register_kernel("cuda")(dequant_kv_cuda)
