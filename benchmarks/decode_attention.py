@@ -53,8 +53,8 @@ from nqcompile.codec.hadamard import hadamard_matrix  # noqa: E402
 from nqcompile.kernels import decode_attention as kernel  # noqa: E402
 from nqcompile.ops.fused import cache_attention_reference  # noqa: E402
 
-#: Head shapes ``name: (KV heads, query heads per KV head, head_dim)``.
-SHAPES = {"llama": (8, 4, 128), "smollm2": (3, 3, 64), "tiny": (2, 2, 64)}
+#: Head shapes ``name: (KV heads, query heads per KV head, head_dim)`` (``gemma3``: Gemma 3 270M's global layers).
+SHAPES = {"llama": (8, 4, 128), "smollm2": (3, 3, 64), "gemma3": (1, 4, 256), "tiny": (2, 2, 64)}
 #: What ``--smoke`` changes (flags given explicitly still win).
 SMOKE = dict(device="cpu", lengths="96", batches="1", shapes="tiny", warm=16, exact=16, iters=1, warmup=0)
 

@@ -25,6 +25,7 @@ from nqcompile import ops  # noqa: E402
 from nqcompile.codec.hadamard import hadamard_matrix  # noqa: E402
 from nqcompile.codec.registry import code_for  # noqa: E402
 from nqcompile.kernels import decode_attention as K  # noqa: E402
+from nqcompile.kernels import launch_configs as LC  # noqa: E402
 from nqcompile.kernels import lattice as L  # noqa: E402
 from nqcompile.ops import cuda as ops_cuda  # noqa: E402
 
@@ -168,13 +169,35 @@ def test_query_dtypes(dtype):
     _check(a, tolerance=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("config,splits", [
+    (LC.DecodeConfig(16, 2, 1), (96, 32)), (LC.DecodeConfig(64, 8, 4), (64, 64)), (LC.DecodeConfig(16, 4, 8), (16, 16)),
+], ids=["16x2x1", "64x8x4", "16x4x8"])
+def test_any_table_configuration_matches_the_reference(config, splits, monkeypatch):
+    """A launch table entry other than the default (slots per block, warps, programs per multiprocessor), for the
+    codes (96 slots) and the warm tier (32 slots), gives the attention of the torch reference: a table entry can
+    change the speed only. The kernel is launched with the entry and the split it implies (4 (sequence, KV head)
+    pairs, 4 multiprocessors off CUDA: 16 x 2 x 1 one split, 64 x 8 x 4 two, 16 x 4 x 8 one per block)."""
+    a = _case(capacity=96, warm=32, seed=31)
+    table = LC.LaunchTable({}, {(64, 4, 2, "<=8K"): config, (64, 4, 4, "<=8K"): config}, {})
+    launched, launch = [], K.code_split_partials
+    monkeypatch.setattr(K, "code_split_partials",
+                        lambda *args, **kwargs: launched.append((kwargs["config"], kwargs["split"]))
+                        or launch(*args, **kwargs))
+    with LC.using(table):
+        _check(a)
+    assert [c for c, _ in launched] == [config, config]
+    if not ON_GPU:  # 4 stand-in multiprocessors: the splits are known
+        assert [s for _, s in launched] == list(splits)
+
+
 def test_partials_overwrite_every_element():
     """Poisoned (NaN) partial buffers: every split writes its o, m, l, including splits past a sequence's code
     length (m = -inf, l = 0, o = 0), and a sequence with no codes at all; merged, they are the attention over the
     codes."""
     a = _case(capacity=96, lengths=[70, 0], warm=0)
     batch, q_heads, _, dim = a["query"].shape
-    split = K.launch_shape(dim)[0]
+    config = LC.default_decode_config(dim)
+    split = config.block
     n_splits = triton.cdiv(96, split)
     o = torch.full((batch, q_heads, n_splits, dim), float("nan"), device=DEVICE)
     m, l = torch.full_like(o[..., 0], float("nan")), torch.full_like(o[..., 0], float("nan"))
@@ -182,7 +205,8 @@ def test_partials_overwrite_every_element():
     K.code_split_partials(a["query"], a["k_codes"], a["k_scales"], a["v_codes"], a["v_scales"], a["code_pos"],
                           a["code_len"], hadamard_pm1, a["inv_freq"], a["norm_mean"][0], a["norm_scale"][0],
                           K.centroid_table(DEVICE), key_bits=4, value_bits=2, attention_scaling=1.0, rotary_dim=dim,
-                          layout="half", scaling=a["scaling"], by_mask=False, split=split, out=(o, m, l))
+                          layout="half", scaling=a["scaling"], by_mask=False, split=split, config=config,
+                          out=(o, m, l))
     assert not (o.isnan().any() or m.isnan().any() or l.isnan().any())
     seen = torch.tensor([[True, True, True], [False, False, False]], device=DEVICE)[:, None, :]  # 70 of 96 slots
     assert torch.equal(m.isfinite(), seen.expand_as(m)) and torch.equal(l > 0, seen.expand_as(l))
@@ -228,6 +252,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nqcompile.kernels import decode_attention as K
 from nqcompile.kernels import lattice as L
+from nqcompile.kernels.launch_configs import default_decode_config
 
 POINTERS = dict(q_ptr="*bf16", kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr="*u8", pos_ptr="*i64",
                 hpm_ptr="*fp16", freq_ptr="*fp32", mean_ptr="*fp32", scale_ptr="*fp32", cent_ptr="*fp32",
@@ -235,7 +260,7 @@ POINTERS = dict(q_ptr="*bf16", kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr=
 FLOATS = ("qk_scale", "key_unit", "value_gain", "attention_scaling")
 for group, dim, key_bits, value_bits, by_mask, interleaved in [(1, 64, 4, 2, False, False), (4, 128, 3, 2, True, True),
                                                               (8, 96, 2, 4, False, False), (8, 256, 4, 2, True, False)]:
-    block, warps = K.launch_shape(dim)
+    block, warps, _ = default_decode_config(dim)
     constants = dict(G=group, D=dim, ROTARY=dim, INTERLEAVED=interleaved, KEY_BITS=key_bits, VALUE_BITS=value_bits,
                      BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=L.pow2(group), BLOCK_D=L.pow2(dim),
                      BLOCK_P=L.pow2(dim // 2), TWO_PI=K._TWO_PI)

@@ -20,6 +20,7 @@ from nqcompile import ops  # noqa: E402
 from nqcompile.codec.hadamard import hadamard_matrix  # noqa: E402
 from nqcompile.kernels import decode_attention as DA  # noqa: E402
 from nqcompile.kernels import dequant_kv as K  # noqa: E402
+from nqcompile.kernels import launch_configs as LC  # noqa: E402
 from nqcompile.ops import cuda as ops_cuda  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -91,6 +92,17 @@ def test_positions_shared_by_the_heads_and_a_ragged_last_block():
     _check(_case(n=37, shared_positions=True, seed=3))
 
 
+@pytest.mark.parametrize("config", [LC.DequantConfig(16, 2), LC.DequantConfig(64, 8)], ids=["16x2", "64x8"])
+def test_any_table_configuration_matches_the_reference(config, monkeypatch):
+    """A launch table entry other than the default gives the torch reference's keys and values (70 slots: a ragged
+    last block for both), and the kernel is launched with it."""
+    launched, lookup = [], K.dequant_config
+    monkeypatch.setattr(K, "dequant_config", lambda *args: launched.append(lookup(*args)) or launched[-1])
+    with LC.using(LC.LaunchTable({}, {}, {(64, 3, 2): config})):
+        _check(_case(n=70, key_bits=3, value_bits=2, seed=9))
+    assert launched == [config]
+
+
 def test_no_tokens():
     keys, values = _kernel(_case(n=0))
     assert keys.shape == (2, 3, 0, 64) and values.shape == (2, 3, 0, 64)
@@ -115,6 +127,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nqcompile.kernels import dequant_kv as K
 from nqcompile.kernels import lattice as L
+from nqcompile.kernels.launch_configs import default_dequant_config
 
 POINTERS = dict(kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr="*u8", pos_ptr="*i64", hpm_ptr="*fp16",
                 freq_ptr="*fp32", kmean_ptr="*fp32", kscale_ptr="*fp32", vmean_ptr="*fp32", vscale_ptr="*fp32",
@@ -122,7 +135,7 @@ POINTERS = dict(kc_ptr="*u8", ks_ptr="*u8", vc_ptr="*u8", vs_ptr="*u8", pos_ptr=
 FLOATS = ("key_unit", "value_unit", "attention_scaling")
 for dim, key_bits, value_bits, interleaved in [(64, 4, 2, False), (128, 3, 2, True), (96, 2, 4, False),
                                                (256, 4, 2, False)]:
-    block, warps = K._launch_shape(dim)
+    block, warps = default_dequant_config(dim)
     constants = dict(D=dim, ROTARY=dim, INTERLEAVED=interleaved, KEY_BITS=key_bits, VALUE_BITS=value_bits,
                      BLOCK_N=block, BLOCK_D=L.pow2(dim), BLOCK_P=L.pow2(dim // 2), TWO_PI=K._TWO_PI)
     fn = K._dequant_kernel

@@ -8,7 +8,8 @@ the exact segment by their log-sum-exp. Nothing decoded ever reaches memory: the
 program.
 
 One program of :func:`_code_split_kernel` holds all ``G`` query heads of its KV group (GQA: the codes are read
-once per group) and, per block of ``BLOCK_N`` slots (:func:`launch_shape`), in registers:
+once per group) and, per block of ``BLOCK_N`` slots (the launch configuration,
+:mod:`nqcompile.kernels.launch_configs`), in registers:
 
 * keys: the packed labels of every 8-dim block are read as one little-endian word, turned into the lattice point
   ``k G`` and reduced to the codebook's representative ``c = k G - q e8_nearest(k G / q)``
@@ -50,10 +51,11 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..codec.registry import code_for
+from .launch_configs import DecodeConfig, decode_config
 from .lattice import centroid_table, codec_reason, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_decode_attention", "code_split_partials", "merge_partials", "centroid_table", "unsupported_reason",
-           "launch_shape", "split_tokens", "MAX_HEAD_DIM", "MAX_GROUP"]
+           "split_tokens", "decode_attention_float32", "MAX_HEAD_DIM", "MAX_GROUP"]
 
 #: Largest head dimension the kernel takes (its ``[G, D]`` accumulator and ``[D, D / 2]`` Hadamard halves live in
 #: registers and shared memory).
@@ -159,23 +161,15 @@ def _code_split_kernel(
     tl.store(l_ptr + stats, l_i, mask=g < G)
 
 
-def launch_shape(dim: int) -> tuple[int, int]:
-    """``(block, warps)`` for head dimension ``dim``: code slots per block of the kernel's loop (a multiple of 16,
-    the smallest ``tl.dot`` dimension) and warps per program. For head_dim 128 on an H200 (K4V2, 128K tokens, CUDA
-    graph replays), 32 slots and 4 warps took 2.80 ms against 3.64 ms for 8 warps, 3.03 ms for 16 slots and 3.35 ms
-    for 64 (every choice uses all 255 registers: one program per multiprocessor); 256 is not yet measured."""
-    return (32 if dim <= 128 else 16), (4 if dim <= 128 else 8)
-
-
-def split_tokens(capacity: int, batch_heads: int, block: int, device: torch.device) -> int:
-    """Code slots per split (a multiple of ``block``, :func:`launch_shape`) for ``capacity`` slots and
-    ``batch_heads`` (sequence, KV head) pairs: enough splits for about two programs per streaming multiprocessor on
-    CUDA (8 programs in all elsewhere), never more splits than blocks. Depends on shapes only (no synchronization;
-    CUDA-graph safe)."""
-    blocks = max(1, triton.cdiv(capacity, block))
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = min(blocks, max(1, triton.cdiv(target, max(1, batch_heads))))
-    return triton.cdiv(blocks, splits) * block
+def split_tokens(capacity: int, batch_heads: int, config: DecodeConfig, device: torch.device) -> int:
+    """Code slots per split (a multiple of ``config.block``) for ``capacity`` slots and ``batch_heads`` (sequence,
+    KV head) pairs: enough splits for about ``config.programs_per_sm`` programs per streaming multiprocessor in all
+    (off CUDA, as if there were 4 multiprocessors), never more splits than blocks. Depends on shapes only (no
+    synchronization; CUDA-graph safe)."""
+    blocks = max(1, triton.cdiv(capacity, config.block))
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = min(blocks, max(1, triton.cdiv(config.programs_per_sm * units, max(1, batch_heads))))
+    return triton.cdiv(blocks, splits) * config.block
 
 
 def code_split_partials(
@@ -183,7 +177,7 @@ def code_split_partials(
     positions: torch.Tensor, limit: torch.Tensor, hadamard_pm1: torch.Tensor, inv_freq: torch.Tensor,
     key_mean: torch.Tensor, key_scale: torch.Tensor, centroids: torch.Tensor, *, key_bits: int, value_bits: int,
     attention_scaling: float, rotary_dim: int, layout: str, scaling: float, by_mask: bool, split: int,
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    config: DecodeConfig, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
     """Launch :func:`_code_split_kernel`: per-split partial attention of one query per sequence over a code segment.
 
@@ -201,7 +195,9 @@ def code_split_partials(
         key_bits, value_bits: E8 bits per element (2, 3 or 4). attention_scaling, rotary_dim, layout: the RoPE.
         scaling: softmax scale of the scores.
         by_mask: how ``limit`` reads (above).
-        split: code slots per program, a multiple of ``launch_shape(D)[0]`` (:func:`split_tokens`).
+        split: code slots per program, a multiple of ``config.block`` (:func:`split_tokens`).
+        config: the launch (:func:`nqcompile.kernels.launch_configs.decode_config`): ``block`` slots per step of
+            the loop, ``warps`` per program (its ``programs_per_sm`` went into ``split``).
         out: ``(o, m, l)``, float32 ``[B, Hq, S, D]``, ``[B, Hq, S]``, ``[B, Hq, S]`` with ``S = ceil(C / split)``,
             every element overwritten. Per split: ``m`` the max base-2 score ``s_t = scaling * log2(e) * q . k_t``
             of the slots seen (``-inf``: none), ``l = sum_t 2**(s_t - m)``, and ``o = sum_t 2**(s_t - m) x_t`` in
@@ -216,9 +212,8 @@ def code_split_partials(
                          f"{key_scale.stride()}")
     lim_b, lim_t = (limit.stride(0), limit.stride(2)) if by_mask else (limit.stride(0), 0)
     pos_h = positions.stride(1) if positions.shape[1] > 1 else 0
-    block, warps = launch_shape(dim)
-    if split % block:
-        raise ValueError(f"split={split} is not a multiple of the kernel's block of {block} slots")
+    if split % config.block:
+        raise ValueError(f"split={split} is not a multiple of the kernel's block of {config.block} slots")
     grid = (batch * heads, triton.cdiv(capacity, split))
     wrap_triton(_code_split_kernel)[grid](
         query, k_codes, k_scales, v_codes, v_scales, positions, limit, hadamard_pm1, inv_freq, key_mean, key_scale,
@@ -232,17 +227,20 @@ def code_split_partials(
         heads, capacity, split, scaling * _LOG2E, code_for("e8", key_bits).gain / math.sqrt(dim),
         code_for("e8", value_bits).gain, attention_scaling,
         G=q_heads // heads, D=dim, ROTARY=rotary_dim, INTERLEAVED=layout == "interleaved", KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=block, BLOCK_G=pow2(q_heads // heads),
-        BLOCK_D=pow2(dim), BLOCK_P=pow2(dim // 2), TWO_PI=_TWO_PI, num_warps=warps,
+        VALUE_BITS=value_bits, BY_MASK=by_mask, BLOCK_N=config.block, BLOCK_G=pow2(q_heads // heads),
+        BLOCK_D=pow2(dim), BLOCK_P=pow2(dim // 2), TWO_PI=_TWO_PI, num_warps=config.warps,
     )
 
 
 def _segment(query, k_codes, k_scales, v_codes, v_scales, positions, limit, by_mask, key_bits, value_bits, codec,
              scaling):
-    """Partials ``(o, m, l)`` of one code segment (:func:`code_split_partials`), splits by :func:`split_tokens`."""
+    """Partials ``(o, m, l)`` of one code segment (:func:`code_split_partials`), launched as
+    :func:`~nqcompile.kernels.launch_configs.decode_config` says for its head_dim, bits and capacity, splits by
+    :func:`split_tokens`."""
     batch, q_heads, _, dim = query.shape
     capacity = k_codes.shape[2]
-    split = split_tokens(capacity, batch * k_codes.shape[1], launch_shape(dim)[0], query.device)
+    config = decode_config(dim, key_bits, value_bits, capacity)
+    split = split_tokens(capacity, batch * k_codes.shape[1], config, query.device)
     n_splits = triton.cdiv(capacity, split)
     o = torch.empty(batch, q_heads, n_splits, dim, dtype=torch.float32, device=query.device)
     m = torch.empty(batch, q_heads, n_splits, dtype=torch.float32, device=query.device)
@@ -251,7 +249,7 @@ def _segment(query, k_codes, k_scales, v_codes, v_scales, positions, limit, by_m
     code_split_partials(query, k_codes, k_scales, v_codes, v_scales, positions, limit, hadamard_pm1, inv_freq, key_mean,
                         key_scale, centroids, key_bits=key_bits, value_bits=value_bits,
                         attention_scaling=attention_scaling, rotary_dim=rotary_dim, layout=layout, scaling=scaling,
-                        by_mask=by_mask, split=split, out=(o, m, l))
+                        by_mask=by_mask, split=split, config=config, out=(o, m, l))
     return o, m, l
 
 
@@ -343,6 +341,25 @@ def e8_decode_attention(
     Returns:
         ``[B, Hq, 1, D]`` in the query's dtype (zero for a query that sees nothing).
     """
+    return decode_attention_float32(
+        query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, warm_k_codes, warm_k_scales, warm_v_codes,
+        warm_v_scales, warm_pos, warm_mask, warm_bits, exact_k, exact_v, exact_mask, hadamard, inv_freq, norm_mean,
+        norm_scale, centroids, key_bits, value_bits, attention_scaling, rotary_dim, layout, scaling,
+    ).unsqueeze(2).to(query.dtype)
+
+
+def decode_attention_float32(
+    query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+    code_pos: torch.Tensor, code_len: torch.Tensor,
+    warm_k_codes: Optional[torch.Tensor], warm_k_scales: Optional[torch.Tensor], warm_v_codes: Optional[torch.Tensor],
+    warm_v_scales: Optional[torch.Tensor], warm_pos: Optional[torch.Tensor], warm_mask: Optional[torch.Tensor],
+    warm_bits: int, exact_k: torch.Tensor, exact_v: torch.Tensor, exact_mask: torch.Tensor, hadamard: torch.Tensor,
+    inv_freq: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor, centroids: torch.Tensor,
+    key_bits: int, value_bits: int, attention_scaling: float, rotary_dim: int, layout: str, scaling: float,
+) -> torch.Tensor:
+    """:func:`e8_decode_attention` before its cast to the query's dtype: float32 ``[B, Hq, D]`` (arguments as
+    there). The same kernels run (they write float32 partials whatever the query's dtype); the tuning script
+    compares launch configurations on this result, where bfloat16 rounding would hide small differences."""
     dim = query.shape[-1]
     codec = ((hadamard * math.sqrt(dim)).to(torch.float16), inv_freq.float().contiguous(), norm_mean[0].contiguous(),
              norm_scale[0].contiguous(), centroids, attention_scaling, rotary_dim, layout)
@@ -355,9 +372,8 @@ def e8_decode_attention(
                               True, warm_bits, warm_bits, codec, scaling))
     exact = _exact_partials(query, exact_k, exact_v, exact_mask, scaling) if exact_k.shape[2] else None
     if not coded and exact is None:
-        return query.new_zeros(query.shape)
-    out = merge_partials(coded, exact, hadamard, norm_mean[1], norm_scale[1])
-    return out.unsqueeze(2).to(query.dtype)
+        return query.new_zeros(query.shape[:2] + query.shape[3:], dtype=torch.float32)
+    return merge_partials(coded, exact, hadamard, norm_mean[1], norm_scale[1])
 
 
 def unsupported_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tensor, exact_mask: torch.Tensor, kind: str,

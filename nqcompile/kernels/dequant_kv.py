@@ -2,7 +2,8 @@
 
 The inverse of :func:`nqcompile.ops.write_kv` up to quantization error, as :func:`nqcompile.ops.dequant_kv` computes
 it with torch ops (:func:`nqcompile.codec.kv.decode_keys`, :func:`~nqcompile.codec.kv.decode_values`), fused: one
-program per (sequence, KV head, block of ``BLOCK_N`` slots) reads the packed labels and scale codes and writes the
+program per (sequence, KV head, block of ``BLOCK_N`` slots; the block and the warps from
+:func:`nqcompile.kernels.launch_configs.dequant_config`) reads the packed labels and scale codes and writes the
 float32 rows. Per slot (:mod:`nqcompile.kernels.lattice` for the codewords):
 
 * ``x H = gain * scale / sqrt(D) * (c @ sqrt(D) H - centroid @ sqrt(D) H)``, ``c`` the codebook representative of
@@ -26,6 +27,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..codec.registry import code_for
+from .launch_configs import dequant_config
 from .lattice import codec_reason, decode_scales, e8_codewords, pow2, rope_pairs, rotated_keys
 
 __all__ = ["e8_dequant_kv", "unsupported_reason", "MAX_HEAD_DIM"]
@@ -92,12 +94,6 @@ def _dequant_kernel(
     tl.store(vo_ptr + out_rows[:, None] + r[None, :], v, mask=live[:, None] & r_ok[None, :])
 
 
-def _launch_shape(dim: int) -> tuple[int, int]:
-    """``(slots per program, warps)``: 32 slots for head_dim up to 128, 16 above (the ``[D, D]`` matrix and the
-    codeword search share the registers); not tuned by measurement yet."""
-    return (32, 4) if dim <= 128 else (16, 8)
-
-
 @triton_op("nqcompile::e8_dequant_kv", mutates_args=())
 def e8_dequant_kv(
     k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
@@ -130,7 +126,7 @@ def e8_dequant_kv(
     hpm = (hadamard * math.sqrt(dim)).to(torch.float16)
     mean, scale = norm_mean.contiguous(), norm_scale.contiguous()
     pos_h = positions.stride(1) if positions.shape[1] > 1 else 0
-    block, warps = _launch_shape(dim)
+    block, warps = dequant_config(dim, key_bits, value_bits)
     grid = (batch * heads, triton.cdiv(n, block))
     wrap_triton(_dequant_kernel)[grid](
         k_codes, k_scales, v_codes, v_scales, positions, hpm, inv_freq.float().contiguous(), mean[0], scale[0],
