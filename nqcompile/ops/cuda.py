@@ -1,6 +1,6 @@
 """CUDA implementations of ``nqcompile::dequant_attention``, ``nqcompile::dequant_attention_lse``,
-``nqcompile::cache_attention`` and ``nqcompile::dequant_kv``: the Triton kernels where they apply, the torch reference
-everywhere else.
+``nqcompile::cache_attention``, ``nqcompile::dequant_kv`` and ``nqcompile::write_kv``: the Triton kernels where they
+apply, the torch reference everywhere else.
 
 A call runs :func:`nqcompile.kernels.decode_attention.e8_decode_attention` when :func:`decode_kernel_reason` finds
 nothing against it: one query per sequence (a decode step), E8 codes at bit widths the codec offers, a head
@@ -13,7 +13,9 @@ arguments only (and whether a CUDA graph is being captured), so it never changes
 
 ``dequant_kv`` (the warm tier decoded to float, eager decode steps and flushes) runs
 :func:`nqcompile.kernels.dequant_kv.e8_dequant_kv` for E8 codes with a ``±1`` Hadamard matrix
-(:func:`dequant_kernel_reason`).
+(:func:`dequant_kernel_reason`); ``write_kv`` runs :func:`nqcompile.kernels.quantize_kv.e8_quantize_kv` for the same
+codecs (:func:`write_kernel_reason`). The op keeps its ``cudagraph_unsafe`` tag, as the reference it falls back to
+reads ``count`` back to the host.
 
 The CPU implementations are the ops' own (the torch reference); these are registered for ``"cuda"`` only.
 """
@@ -29,10 +31,11 @@ import torch
 
 from . import chunk_attention as _chunk
 from .fused import cache_attention, cache_attention_reference
-from .reference import _attention, _decode, dequant_attention, dequant_attention_lse, dequant_kv, write_kv
+from .reference import _attention, _decode, _write, dequant_attention, dequant_attention_lse, dequant_kv, write_kv
 
-__all__ = ["decode_kernel_reason", "dequant_kernel_reason", "chunk_reason", "dequant_attention_cuda",
-           "dequant_attention_lse_cuda", "cache_attention_cuda", "dequant_kv_cuda"]
+__all__ = ["decode_kernel_reason", "dequant_kernel_reason", "write_kernel_reason", "chunk_reason",
+           "dequant_attention_cuda", "dequant_attention_lse_cuda", "cache_attention_cuda", "dequant_kv_cuda",
+           "write_kv_cuda"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,6 +80,42 @@ def dequant_kv_cuda(k_codes, k_scales, v_codes, v_scales, positions, hadamard, i
                                                value_bits, attention_scaling, rotary_dim, layout)
     return _decode(k_codes, k_scales, v_codes, v_scales, positions, hadamard, inv_freq, norm_mean, norm_scale, kind,
                    key_bits, value_bits, attention_scaling, rotary_dim, layout)
+
+
+def _quantize_kernel():
+    """The quantize-on-write kernel module, or None without Triton."""
+    return _kernel_module("quantize_kv")
+
+
+def write_kernel_reason(k_codes: torch.Tensor, k_scales: torch.Tensor, key: torch.Tensor, kind: str,
+                        bits: tuple[int, int], dim: int, rotary_dim: int, layout: str,
+                        inv_freq: torch.Tensor) -> Optional[str]:
+    """Why a ``write_kv`` call runs the torch reference rather than the Triton quantize kernel, or None if it runs
+    the kernel (:func:`nqcompile.kernels.quantize_kv.unsupported_reason`: the exact kind, scalar codecs, head
+    dimensions without a ``±1`` Hadamard matrix...; or Triton missing). Reads shapes, dtypes and static arguments
+    only."""
+    kernel = _quantize_kernel()
+    if kernel is None:
+        return "Triton is not installed"
+    return kernel.unsupported_reason(k_codes, k_scales, key, kind, bits, dim, rotary_dim, layout, inv_freq)
+
+
+def write_kv_cuda(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard, inv_freq,
+                  norm_mean, norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout) -> None:
+    """``nqcompile::write_kv`` on CUDA (arguments as :func:`~nqcompile.ops.reference.write_kv`): the quantize
+    kernel, which reads nothing back to the host, else the torch reference (which does)."""
+    if write_kernel_reason(k_codes, k_scales, key, kind, (key_bits, value_bits), hadamard.shape[0], rotary_dim,
+                           layout, inv_freq) is None:
+        from ..kernels.lattice import centroid_table
+
+        kernel = _quantize_kernel()
+        kernel.e8_quantize_kv(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard,
+                              inv_freq, norm_mean, norm_scale, centroid_table(key.device),
+                              kernel.encoder_table(key.device), key_bits, value_bits, attention_scaling, rotary_dim,
+                              layout)
+        return
+    _write(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard, inv_freq, norm_mean,
+           norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
 
 
 def decode_kernel_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Tensor, exact_mask: torch.Tensor,
@@ -184,3 +223,4 @@ dequant_attention.register_kernel("cuda")(dequant_attention_cuda)
 dequant_attention_lse.register_kernel("cuda")(dequant_attention_lse_cuda)
 cache_attention.register_kernel("cuda")(cache_attention_cuda)
 dequant_kv.register_kernel("cuda")(dequant_kv_cuda)
+write_kv.register_kernel("cuda")(write_kv_cuda)

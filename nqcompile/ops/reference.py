@@ -49,6 +49,13 @@ def write_kv(
             ``[1]`` of the values (``x = (k - mean) / scale`` is what gets coded).
         kind, key_bits, value_bits, attention_scaling, rotary_dim, layout: see :class:`~nqcompile.codec.kv.KVTransform`.
     """
+    _write(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard, inv_freq, norm_mean,
+           norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout)
+
+
+def _write(k_codes, k_scales, v_codes, v_scales, key, value, positions, dest, count, hadamard, inv_freq, norm_mean,
+           norm_scale, kind, key_bits, value_bits, attention_scaling, rotary_dim, layout) -> None:
+    """The torch reference of :func:`write_kv` (its CUDA implementation falls back to it)."""
     # Nothing to write (a static decode step with no flush). On CUDA this reads ``count`` back to the host: the
     # encoder below synchronizes anyway (its codebook search is sized by the data), and skipping it saves the
     # thousands of small launches it costs on each of the steps that flush nothing (about 50 ms per layer and
