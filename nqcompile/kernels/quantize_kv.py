@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..codec.constants import on_device
 from ..codec.hadamard import hadamard_matrix
 from ..codec.lattice import E8_BITS, _minimal_vectors
 from ..codec.registry import code_for
@@ -406,7 +407,8 @@ def _encoder_table_cpu() -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def encoder_table(device: torch.device | str) -> torch.Tensor:
-    """The encoder's constants, float32 ``[13, 256]`` on ``device`` (built once per device, on the CPU):
+    """The encoder's constants, float32 ``[13, 256]`` on ``device`` (built once on the CPU, copied once per device by
+    :func:`~nqcompile.codec.constants.on_device`, so a call inside a CUDA-graph capture copies nothing):
 
     * row 0: ``[c]`` the smallest float32 RMS that :func:`~nqcompile.codec.scales.encode_scale` codes as ``c`` or
       more (``c >= 1``; 0 for ``c = 0``), found by bisection on ``encode_scale`` itself;
@@ -415,7 +417,7 @@ def encoder_table(device: torch.device | str) -> torch.Tensor:
       order; zeros past 240);
     * rows 10..12: 1.0 and the shrink grid of ``code_for("e8", bits)`` for bits 2, 3, 4 (zeros after).
     """
-    return _encoder_table_cpu().to(device)
+    return on_device(_encoder_table_cpu(), device)
 
 
 def _program_shape(dim: int) -> tuple[int, int]:

@@ -21,8 +21,8 @@ __all__ = ["cache_attention", "cache_attention_reference"]
 
 
 # Not tagged cudagraph_unsafe, so that the attention stays inside a CUDA graph: only a write folded into it
-# (new_k given) cannot be captured with the torch reference, and the passes fold one only where the graph is not
-# compiled for CUDA graphs (nqcompile.compile.passes.fuse_flush_attention).
+# (new_k given) cannot be captured with the torch reference, and for CUDA graphs the passes fold one only where
+# both halves run Triton kernels (nqcompile.compile.passes.fuse_flush_attention).
 @torch.library.custom_op("nqcompile::cache_attention", mutates_args=("k_codes", "k_scales", "v_codes", "v_scales"))
 def cache_attention(
     query: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,

@@ -17,9 +17,13 @@ where ``dest'`` and ``count'`` (and any other write argument that the bookkeepin
 such as the code length) are copies taken where the write was. The write moves to the attention, so a kernel can
 quantize the flushed block and attend in one launch.
 
-Not applied when the graph is compiled for CUDA graphs (``mode="reduce-overhead"``): the torch reference of the
-quantize-on-write cannot be captured (it sizes its search by the data), so the fused op would take the attention
-out of the CUDA graph with it; the write then stays its own op, run between CUDA-graph partitions.
+When the graph is compiled for CUDA graphs (``mode="reduce-overhead"``) the pass fuses only where the fused op
+runs Triton kernels for both halves on CUDA (:func:`nqcompile.ops.cuda.write_kernel_reason` and
+:func:`~nqcompile.ops.cuda.decode_kernel_reason` on the traced shapes): they read nothing back to the host, so the
+fused op is captured with the rest of the step. Elsewhere the torch reference of the quantize-on-write cannot be
+captured (it sizes its search by the data and skips empty writes on the host), so the fused op would take the
+attention out of the CUDA graph with it; the write then stays its own op (tagged ``cudagraph_unsafe``), run between
+CUDA-graph partitions.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ _CODEC = ("hadamard", "inv_freq", "norm_mean", "norm_scale", "kind", "key_bits",
           "rotary_dim", "layout")
 _WRITE_DATA = ("key", "value", "positions", "dest", "count")
 _ATTENTION = ("nqcompile::cache_attention", "nqcompile::dequant_attention")
-#: The reason given for every attention site when the graph is compiled for CUDA graphs.
-CUDAGRAPH_REASON = ("compiled for CUDA graphs: the reference quantize-on-write cannot be captured, so the flush "
-                    "write stays its own op between CUDA-graph partitions and the attention stays in the graph")
+#: The reason given for an attention site left alone because the graph is compiled for CUDA graphs.
+CUDAGRAPH_REASON = ("compiled for CUDA graphs and {why}: the reference quantize-on-write cannot be captured, so the "
+                    "flush write stays its own op between CUDA-graph partitions and the attention stays in the graph")
 
 
 class FuseFlushAttention(NexusPass):
@@ -61,8 +65,6 @@ class FuseFlushAttention(NexusPass):
         a = op_args(node)
         if a.get("new_k") is not None:
             return None  # already carries its write
-        if self.cudagraphs:
-            return CUDAGRAPH_REASON
         views = [a[name] for name in _BUFFERS]
         buffers = [full_view_base(view) for view in views]
         if None in buffers:
@@ -83,6 +85,10 @@ class FuseFlushAttention(NexusPass):
             other = used_between(buffer, write, node, allowed)
             if other is not None:
                 return f"{other.name} uses the code buffers between the write and the attention"
+        if self.cudagraphs:
+            why = _kernel_reason(a, w)
+            if why is not None:
+                return CUDAGRAPH_REASON.format(why=why)
         return write
 
     def replace(self, graph, node, write):
@@ -111,3 +117,29 @@ class FuseFlushAttention(NexusPass):
                 graph.erase_node(view)
         graph.erase_node(write)
         return Rewrite(self.name, fused_node.meta[SITE_META], "nqcompile::cache_attention", (write.name,))
+
+
+def _kernel_reason(attention: dict, write: dict) -> str | None:
+    """Why the fused op of this attention and write would not run the Triton kernels on CUDA (so it could not be
+    captured in a CUDA graph), or None when it would; read from the traced (fake) tensors' shapes and dtypes."""
+    from ...ops import cuda as ops_cuda
+
+    def val(x):
+        return x.meta.get("val") if isinstance(x, torch.fx.Node) else x
+
+    query = val(attention["query"])
+    if query is None or query.device.type != "cuda":
+        return "the step does not run on CUDA"
+    codec = {name: val(write[name]) for name in _CODEC}
+    bits = (codec["key_bits"], codec["value_bits"])
+    why = ops_cuda.write_kernel_reason(val(write["k_codes"]), val(write["k_scales"]), val(write["key"]),
+                                       codec["kind"], bits, codec["hadamard"].shape[0], codec["rotary_dim"],
+                                       codec["layout"], codec["inv_freq"])
+    if why is not None:
+        return f"the write runs the torch reference ({why})"
+    warm = val(attention.get("warm_mask"))
+    bits = bits + ((attention["warm_bits"],) if warm is not None else ())
+    why = ops_cuda.decode_kernel_reason(query, val(write["k_codes"]).shape[1], val(attention["code_len"]),
+                                        val(attention["exact_mask"]), codec["kind"], bits, codec["rotary_dim"],
+                                        codec["layout"], codec["inv_freq"], warm)
+    return None if why is None else f"the attention runs the torch reference ({why})"
