@@ -334,7 +334,7 @@ def _generate(args: argparse.Namespace) -> int:
     if report.compression_ratio < 1:
         print(f"note: the ratio is below 1 because the prompt is short: the cache keeps {exact} tokens per layer "
               f"exact ({dtype_name}; float32 takes twice bf16's bytes) and holds fixed parts (normalization "
-              f"statistics, the Hadamard matrix) that only a longer prompt pays for")
+              f"statistics) that only a longer prompt pays for")
 
     print(f"\n--- speed (wall clock, this machine, {_threads(torch)}) ---")
     for key, label in (("uncompressed", "uncompressed (DynamicCache)"), ("compressed", f"compressed ({args.preset})")):

@@ -34,7 +34,8 @@ a code capacity of ``C`` tokens per sequence (a multiple of 16)::
     + 4 * B * H * head_dim * 4                       per-channel key and value mean and scale (float32)
     + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
 
-plus, once per cache, the ``head_dim x head_dim`` float32 Hadamard matrix shared by all layers. With
+(the ``head_dim x head_dim`` float32 Hadamard matrix is built once per process and shared by every cache:
+``CacheMemoryReport.shared_bytes``, not in a cache's bytes). With
 ``relax_key_kl``, ``key_bits`` is the width each layer chose at the first chunk
 (``CacheMemoryReport.layer_key_bits``).
 """

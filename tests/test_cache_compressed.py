@@ -104,10 +104,10 @@ def test_bytes_match_the_preset_formula_and_no_float_copy_survives(preset, opts)
                 if t.dim() == 4:  # [B, H, tokens, D] (sinks, window) or [2, B, H, D] (statistics)
                     assert t.shape[2] < min(compressed), f"float tensor {name} {tuple(t.shape)} holds compressed tokens"
                 else:
-                    assert name in ("hadamard", "inv_freq"), f"unexpected float tensor {name} {tuple(t.shape)}"
-    expected += 64 * 64 * 4  # the shared Hadamard matrix
+                    assert name == "inv_freq", f"unexpected float tensor {name} {tuple(t.shape)}"
     report = cache.memory_report()
     assert report.allocated_bytes == expected
+    assert report.shared_bytes == 64 * 64 * 4  # the Hadamard matrix, shared with every cache, apart
     assert report.logical_tokens == 160
     assert report.bf16_bytes == 3 * 4 * 2 * 1 * 64 * 160
 
@@ -248,7 +248,7 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
         assert layer.key_bits == (3 if layer.key_kl < threshold else 4)
         assert layer.storage.k_codes.shape[-1] == layer.key_bits * layer.storage.head_dim // 8
     assert sorted(layer.key_bits for layer in cache.layers)[:3] == [3, 3, 4]
-    expected = 64 * 64 * 4 + sum(
+    expected = sum(
         cache.preset.layer_bytes(batch=2, kv_heads=layer.storage.heads, head_dim=layer.storage.head_dim, capacity=layer.storage.capacity,
                                  itemsize=4, rotary_dim=layer.rotary.rotary_dim, position_bytes=2,
                                  bits=(layer.key_bits, layer.value_bits)) for layer in cache.layers)
@@ -325,7 +325,7 @@ def test_reserve_past_int16_widens_stored_positions():
     cache.reserve(40_000)  # a long next turn: positions past 32,767 must fit
     assert layer.storage.code_pos.dtype == layer.storage.warm_pos.dtype == torch.int32
     assert torch.equal(layer.storage.warm_pos.long(), before.long())
-    expected = 64 * 64 * 4 + sum(
+    expected = sum(
         cache.preset.layer_bytes(batch=1, kv_heads=lay.storage.heads, head_dim=lay.storage.head_dim, capacity=lay.storage.capacity, itemsize=4,
                                  rotary_dim=lay.rotary.rotary_dim, position_bytes=4) for lay in cache.layers)
     assert cache.memory_report().allocated_bytes == expected
@@ -341,7 +341,7 @@ def test_a_layer_relaxed_below_warm_bits_gets_its_warm_tier():
         prefill_and_decode(model, torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(37)), cache, 9)
     for layer in cache.layers:
         assert (layer.key_bits, layer.storage.warm_cap, layer.storage.warm_len.tolist()) == (3, 32, [32])
-    expected = 64 * 64 * 4 + sum(
+    expected = sum(
         cache.preset.layer_bytes(batch=1, kv_heads=lay.storage.heads, head_dim=lay.storage.head_dim, capacity=lay.storage.capacity, itemsize=4,
                                  rotary_dim=lay.rotary.rotary_dim, position_bytes=2, bits=(lay.key_bits, lay.value_bits))
         for lay in cache.layers)
@@ -501,3 +501,25 @@ def test_code_capacity_follows_what_the_chunks_keep(preset, opts):
     for layer in layers:  # what stays unused is the block every step writes at the codes' end, and rounding
         st = layer.storage
         assert st.capacity - int(st.code_len.max()) <= 2 * ops.BLOCK_TOKENS
+
+
+def test_the_hadamard_matrix_is_one_per_process_and_reported_apart():
+    """Two caches of head_dim 64 read the very same Hadamard matrix (``hadamard_matrix``'s cached copy): it is not in
+    either cache's ``allocated_bytes`` (freeing a cache does not free it) but in ``shared_bytes``, 64 x 64 float32,
+    once per cache however many layers read it; its entries are ``±1/8``."""
+    model = tiny_model("llama")
+    nqcompile.optimize(model, "quant_only")
+    ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(3))
+    caches = [nqcompile.NexusCache(model.config, "quant_only", max_cache_len=80) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, past_key_values=cache)
+    matrices = [layer.storage.shared_tensors()["hadamard"] for cache in caches for layer in cache.layers]
+    assert len(matrices) == 2 * len(caches[0].layers) and all(m is matrices[0] for m in matrices)
+    assert set(matrices[0].abs().unique().tolist()) == {0.125}
+    for cache in caches:
+        report = cache.memory_report()
+        owned = {t.untyped_storage().data_ptr() for layer in cache.layers for t in layer.tensors().values()}
+        assert matrices[0].untyped_storage().data_ptr() not in owned
+        assert report.shared_bytes == 64 * 64 * 4
+        assert "codec constants shared by caches" in str(report) and report.to_dict()["shared_bytes"] == 16384

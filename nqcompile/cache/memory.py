@@ -22,14 +22,18 @@ class CacheMemoryReport:
             layer: sinks + codes + warm tier + window, and a chunk waiting for its re-reading; in a layer left to
             transformers: the keys it holds). Evicting presets keep a different number of tokens in each layer;
             ``physical_tokens / (layers * batch * logical_tokens)`` is the fraction kept.
-        allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache holds (codes, scales,
-            positions, warm tier, exact sinks and window, lengths, normalization statistics, codec constants).
+        allocated_bytes: sum of ``nbytes`` over every distinct tensor storage the cache owns (codes, scales,
+            positions, warm tier, exact sinks and window, lengths, normalization statistics, RoPE frequencies).
         unused_capacity_bytes: part of ``allocated_bytes`` preallocated for tokens not yet written.
         bf16_bytes: what transformers' ``DynamicCache`` would hold in bf16 for the same tokens:
             ``2 * 2 * B * Hkv * n * head_dim`` per layer, ``n`` the logical tokens in a full-attention layer and the
             last ``sliding_window - 1`` of them in a sliding-window layer (``DynamicSlidingWindowLayer``).
         layer_key_bits: key bits of each quantized layer, in layer order (``relax_key_kl`` lowers some at
             the first chunk).
+        shared_bytes: codec constants the layers read but the cache does not own: the ``head_dim x head_dim``
+            float32 Hadamard matrix of each distinct head size and device, built once per process and shared by
+            every cache (256 KiB at head_dim 256, 16 KiB at 64); not in ``allocated_bytes``, since neither another
+            cache nor a longer context adds to it and freeing the cache does not free it.
         compression_ratio: ``bf16_bytes / allocated_bytes``.
     """
 
@@ -39,6 +43,7 @@ class CacheMemoryReport:
     unused_capacity_bytes: int
     bf16_bytes: int
     layer_key_bits: tuple[int, ...] = ()
+    shared_bytes: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -58,6 +63,7 @@ class CacheMemoryReport:
             f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
             f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
             f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
+            f"codec constants shared by caches  {self.shared_bytes / mib:>12.3f} MiB (not in the ratio)",
         ]
         if self.layer_key_bits:
             bits = self.layer_key_bits
@@ -68,10 +74,12 @@ class CacheMemoryReport:
 
 def memory_report(layers) -> CacheMemoryReport:
     """Account for ``layers`` (a cache's ``NexusLayer`` and transformers layers): the ``nbytes`` of every distinct
-    tensor storage they hold, the unused capacity, and what a bf16 ``DynamicCache`` would hold for the same tokens
-    (:meth:`NexusLayer.bf16_tokens` per sequence: all of them, or a sliding-window layer's last ``window - 1``)."""
+    tensor storage they own, the unused capacity, what a bf16 ``DynamicCache`` would hold for the same tokens
+    (:meth:`NexusLayer.bf16_tokens` per sequence: all of them, or a sliding-window layer's last ``window - 1``), and
+    apart, the codec constants shared with every other cache (``shared_bytes``)."""
     seen: set[int] = set()
-    allocated = unused = bf16 = 0
+    shared_seen: set[int] = set()
+    allocated = unused = bf16 = shared = 0
     logical = None
     physical = 0
     key_bits = []
@@ -85,6 +93,10 @@ def memory_report(layers) -> CacheMemoryReport:
                 allocated += t.untyped_storage().nbytes()
         if isinstance(layer, NexusLayer) and layer.storage is not None:
             st = layer.storage
+            for t in st.shared_tensors().values():
+                if t.untyped_storage().data_ptr() not in shared_seen:
+                    shared_seen.add(t.untyped_storage().data_ptr())
+                    shared += t.untyped_storage().nbytes()
             unused += st.unused_bytes()
             bf16 += 4 * st.batch * st.heads * st.head_dim * layer.bf16_tokens()
             logical = layer.seen_tokens() if logical is None else logical
@@ -94,4 +106,4 @@ def memory_report(layers) -> CacheMemoryReport:
             b, h, _, d = layer.keys.shape
             bf16 += 4 * b * h * d * layer.keys.shape[2]  # transformers' own layer: what it holds
             physical += b * layer.keys.shape[2]
-    return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits))
+    return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits), shared)

@@ -39,7 +39,9 @@ class CodecParams:
     static :class:`~nqcompile.codec.kv.KVTransform`.
 
     Attributes:
-        hadamard: ``[D, D]`` float32 orthonormal Hadamard matrix.
+        hadamard: ``[D, D]`` float32 orthonormal Hadamard matrix: :func:`~nqcompile.codec.hadamard.hadamard_matrix`'s
+            cached copy for ``(D, device)``, one per process, shared by every layer of every cache (so not part of a
+            cache's own bytes: :meth:`LayerStorage.shared_tensors`).
         inv_freq: ``[rotary_dim / 2]`` float32 RoPE inverse frequencies.
         norm_mean, norm_scale: ``[2, B, H, D]`` float32 per-channel normalization (``[0]`` pre-RoPE keys,
             ``[1]`` values), filled in place at the first chunk.
@@ -69,6 +71,8 @@ class CodecParams:
 
 
 _TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform))
+#: CodecParams tensors shared by every layer of every cache in the process (not a cache's own bytes).
+_SHARED = ("hadamard",)
 
 
 class LayerStorage:
@@ -203,7 +207,7 @@ class LayerStorage:
 
     def mark_static(self) -> None:
         """Mark every buffer as a static address for ``torch.compile`` (CUDA graphs replay over them in place)."""
-        for t in self.tensors().values():
+        for t in (*self.tensors().values(), *self.shared_tensors().values()):
             torch._dynamo.mark_static_address(t)
 
     # ------------------------------------------------------------------ reading and writing
@@ -303,11 +307,18 @@ class LayerStorage:
 
     # ------------------------------------------------------------------ accounting
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor held, by name (codec constants included)."""
+        """Every tensor this layer owns, by name: buffers, lengths and the codec's per-layer tensors (normalization
+        statistics, RoPE frequencies); not the :meth:`shared_tensors`."""
         held = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         held.update({f.name: getattr(self.codec, f.name) for f in dataclasses.fields(self.codec)
-                     if isinstance(getattr(self.codec, f.name), torch.Tensor)})
+                     if isinstance(getattr(self.codec, f.name), torch.Tensor) and f.name not in _SHARED})
         return held
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Codec constants the layer reads but does not own, by name: the ``[D, D]`` float32 Hadamard matrix, built
+        once per process and device by :func:`~nqcompile.codec.hadamard.hadamard_matrix` and shared by every layer of
+        every cache (freeing a cache does not free it)."""
+        return {name: getattr(self.codec, name) for name in _SHARED}
 
     def unused_bytes(self) -> int:
         """Bytes preallocated for code, warm, sink and window slots not holding a token yet."""
