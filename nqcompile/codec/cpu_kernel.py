@@ -10,7 +10,9 @@ same function into one vectorized C++ loop: about 30x faster for 3- and 4-bit co
 ``torch._inductor.compile``. No Dynamo frame is involved: the kernel adds no graph to Dynamo's counters, triggers no
 recompilation of a caller's ``torch.compile`` and survives ``torch.compiler.reset()``. Inductor's FX graph cache
 (on disk) makes a later process load the kernel in seconds instead of compiling it again (about 15 s on a 2-core
-machine). The generated code has no shape guards: :func:`cpu_kernel` is for functions whose only dynamic
+machine). Inductor bakes the number of OpenMP threads (``torch.get_num_threads()`` when it builds) into the
+kernel, so a kernel is built per name and thread count: one built for 2 threads would start 2 threads after
+``torch.set_num_threads(1)``. The generated code has no shape guards: :func:`cpu_kernel` is for functions whose only dynamic
 dimensions are those of its inputs' shapes, every other parameter being baked in under the kernel's ``name``.
 
 Where Inductor cannot build a kernel (no C++ compiler, an unsupported platform) :func:`cpu_kernel` returns None after
@@ -22,30 +24,44 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["cpu_kernel"]
+__all__ = ["cpu_kernel", "eager_on_cpu"]
 
-_KERNELS: dict[str, Optional[Callable[..., Tensor]]] = {}
+_KERNELS: dict[tuple[str, int], Optional[Callable[..., Tensor]]] = {}
 
 
 def cpu_kernel(name: str, fn: Callable[..., Tensor], *example: Tensor) -> Optional[Callable[..., Tensor]]:
-    """The Inductor-compiled CPU kernel of ``fn``, built at the first call for ``name`` and kept for the process.
+    """The Inductor-compiled CPU kernel of ``fn``, built at the first call for ``name`` and the current thread count
+    (``torch.get_num_threads()``) and kept for the process.
 
     Args:
         name: identifies ``fn`` together with every non-tensor parameter baked into it (e.g. ``"e8_decode_4"``):
-            a later call with the same name returns the kernel built first, whatever ``fn`` it passes.
+            a later call with the same name (and thread count) returns the kernel built first, whatever ``fn`` it
+            passes.
         fn: a traceable torch function of CPU tensors returning one tensor (no data-dependent control flow).
-        example: CPU tensors of the dtypes and ranks ``fn`` will be called with (any sizes: every size is traced
-            as a symbol).
+        example: distinct contiguous CPU tensors of the dtypes and ranks ``fn`` will be called with. Every size is
+            traced as a symbol except sizes 0 and 1, which are baked in; equal sizes share one symbol (so give
+            dimensions that may differ different sizes), and the kernel takes contiguous tensors only (it checks
+            sizes and strides against the symbols and raises ``AssertionError`` otherwise).
 
     Returns:
         A callable taking tensors like ``example`` and returning ``fn``'s result, or None where Inductor cannot
         build the kernel (warned once per name, with the exception).
     """
-    if name not in _KERNELS:
-        _KERNELS[name] = _build(name, fn, example)
-    return _KERNELS[name]
+    key = (name, torch.get_num_threads())
+    if key not in _KERNELS:
+        _KERNELS[key] = _build(name, fn, example)
+    return _KERNELS[key]
+
+
+def eager_on_cpu(*tensors: Tensor) -> bool:
+    """Whether a kernel can run on ``tensors`` now: all on the CPU, none fake, and not inside a ``torch.compile``
+    trace (there is no data to run a kernel on there; the compiled graph gets the torch reference instead)."""
+    return (not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and not is_fake(t) for t in tensors))
 
 
 def _build(name: str, fn: Callable[..., Tensor], example: tuple[Tensor, ...]) -> Optional[Callable[..., Tensor]]:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_kernel import cpu_kernel, eager_on_cpu
 from .registry import code_for
-from .rope import apply_rotary
+from .rope import apply_rotary, rotary_cos_sin, rotate_by
 from .scales import decode_scale
 from .vector import dequantize_vectors, quantize_vectors
 
@@ -142,12 +143,44 @@ def encode_keys(key: torch.Tensor, positions: torch.Tensor, hadamard: torch.Tens
 def decode_keys(codes: torch.Tensor, scale_codes: torch.Tensor, positions: torch.Tensor, hadamard: torch.Tensor,
                 inv_freq: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,
                 t: KVTransform) -> torch.Tensor:
-    """Inverse of :func:`encode_keys`: float32 ``[B, H, n, D]`` post-RoPE keys at ``positions`` ``[B, H|1, n]``."""
+    """Inverse of :func:`encode_keys`: float32 ``[B, H, n, D]`` post-RoPE keys at ``positions`` ``[B, H|1, n]``
+    (integer), from codes ``[B, H, n, key_bits * D / 8]`` and scale codes ``[B, H, n]`` (uint8); the other arguments
+    as for :func:`encode_keys`.
+
+    After the Hadamard product, the per-channel de-normalization and RoPE (:func:`_denormalize_rotate`) are
+    elementwise: eagerly on the CPU they run as one kernel that Inductor generates from that function
+    (:mod:`~nqcompile.codec.cpu_kernel`), one pass over the keys instead of about ten. RoPE's cos/sin tables are
+    computed before it as :func:`~nqcompile.codec.rope.apply_rotary` computes them, and the kernel's products and
+    sums round as the eager ops do, so both paths give the same keys bit for bit (``tests/codec/test_kv_kernel.py``).
+    """
     dim = hadamard.shape[0]
     x = dequantize_vectors(codes, scale_codes, code_for(t.kind, t.key_bits), dim) @ hadamard
-    pre = x * norm_scale[:, :, None] + norm_mean[:, :, None]
-    return apply_rotary(pre, positions, inv_freq, attention_scaling=t.attention_scaling,
-                        rotary_dim=t.rotary_dim, layout=t.layout)
+    cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
+    args = (x, norm_scale, norm_mean, cos, sin)
+    kernel = _denormalize_rotate_kernel(*args, layout=t.layout) if x.numel() and eager_on_cpu(*args) else None
+    if kernel is None:
+        return _denormalize_rotate(*args, layout=t.layout)
+    return kernel(*(a.contiguous() for a in args))
+
+
+def _denormalize_rotate(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, *, layout: str) -> torch.Tensor:
+    """Pre-RoPE keys ``x * scale + mean`` (``x`` float32 ``[B, H, n, D]``, ``scale``/``mean`` ``[B, H, D]``) rotated
+    by RoPE's tables ``cos``/``sin`` ``[B, H or 1, n, rotary_dim]`` (:func:`~nqcompile.codec.rope.rotate_by`)."""
+    return rotate_by(x * scale[:, :, None] + mean[:, :, None], cos, sin, layout=layout)
+
+
+def _denormalize_rotate_kernel(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, *, layout: str):
+    """The CPU kernel of :func:`_denormalize_rotate` for these tensors' head dim, rotary dim, layout and whether the
+    positions are shared by the heads (``cos.shape[1] == 1``), or None where Inductor cannot build it. It is traced
+    with distinct sizes (every size a symbol) and takes contiguous tensors."""
+    dim, rotary_dim, shared = x.shape[-1], cos.shape[-1], cos.shape[1] == 1
+    example = (torch.zeros(2, 3, 5, dim), torch.zeros(2, 3, dim), torch.zeros(2, 3, dim),
+               torch.zeros(2, 1 if shared else 3, 5, rotary_dim), torch.zeros(2, 1 if shared else 3, 5, rotary_dim))
+    heads = "shared" if shared else "per_head"
+    return cpu_kernel(f"denormalize_rotate(head_dim={dim}, rotary_dim={rotary_dim}, layout={layout}, "
+                      f"positions={heads})", lambda *a: _denormalize_rotate(*a, layout=layout), *example)
 
 
 def encode_values(value: torch.Tensor, hadamard: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,

@@ -54,9 +54,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
-from nqcompile.codec.cpu_kernel import cpu_kernel
+from nqcompile.codec.cpu_kernel import cpu_kernel, eager_on_cpu
 from nqcompile.codec.e8 import _e8_t, _e8_t_is_zero, _rowsum, e8_nearest_columns
 from nqcompile.codec.packing import pack_groups, unpack_groups
 from nqcompile.codec.scalar import check_decode_input, check_dim, check_float_vectors
@@ -337,8 +336,7 @@ class E8LatticeCode:
         reference decodes them: on other devices, for fake tensors and inside a ``torch.compile`` trace (there is no
         data to run a kernel on), for fewer than 2 blocks (traced shapes start at 2), at 2 bits (a table look-up is
         as fast), or where Inductor cannot build the kernel."""
-        if (groups.device.type != "cpu" or self.bits == 2 or groups.shape[0] < 2 or is_fake(groups)
-                or torch.compiler.is_compiling()):
+        if self.bits == 2 or groups.shape[0] < 2 or not eager_on_cpu(groups):
             return None
         bits, gain = self.bits, self.gain
         return cpu_kernel(f"e8_decode_blocks(bits={bits}, gain={gain!r})",

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LAYOUTS", "apply_rotary", "rotary_cos_sin"]
+__all__ = ["LAYOUTS", "apply_rotary", "rotary_cos_sin", "rotate_by"]
 
 #: Pair layouts understood by :func:`apply_rotary` (see the module docstring).
 LAYOUTS = ("half", "interleaved")
@@ -156,15 +156,37 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     positions = _align_positions(_as_positions(positions, device=x.device), x)
 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rot = x[..., :rotary_dim].to(compute)
-    if inverse:
-        cos, sin = rotary_cos_sin(positions, inv_freq, layout=layout, dtype=compute)
-        out = (rot * cos - _rotate(rot, layout) * sin) / attention_scaling
-    else:
-        # Same op order as transformers: (x * (cos * s)) + (rotate(x) * (sin * s)).
+    if not inverse:
         cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=attention_scaling, layout=layout, dtype=compute)
-        out = rot * cos + _rotate(rot, layout) * sin
-    out = out.to(x.dtype)
+        return rotate_by(x, cos, sin, layout=layout)
+    rot = x[..., :rotary_dim].to(compute)
+    cos, sin = rotary_cos_sin(positions, inv_freq, layout=layout, dtype=compute)
+    return _with_tail(((rot * cos - _rotate(rot, layout) * sin) / attention_scaling).to(x.dtype), x)
+
+
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: str = "half") -> torch.Tensor:
+    """The forward rotation of :func:`apply_rotary` from its cos/sin tables: ``x * cos + rotate(x) * sin`` on the
+    leading ``rotary_dim`` dims (transformers' op order), the rest of ``x`` unchanged.
+
+    Elementwise ops only, so a compiled kernel can fuse it with what produces ``x``
+    (:func:`nqcompile.codec.kv.decode_keys` on the CPU) and still give :func:`apply_rotary`'s values bit for bit.
+
+    Args:
+        x: float ``[..., n, head_dim]``.
+        cos, sin: ``[..., n, rotary_dim]`` from :func:`rotary_cos_sin` (with ``attention_scaling``), broadcastable
+            against ``x``'s leading dims, in the compute dtype (float32, or float64 for a float64 ``x``).
+        layout: ``"half"`` or ``"interleaved"``.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+    """
+    rot = x[..., :cos.shape[-1]].to(cos.dtype)
+    return _with_tail((rot * cos + _rotate(rot, layout) * sin).to(x.dtype), x)
+
+
+def _with_tail(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (the rotated leading dims of ``x``) followed by ``x``'s remaining dims, which are not rotated."""
+    rotary_dim = out.shape[-1]
     if rotary_dim == x.shape[-1]:
         return out
     tail = x[..., rotary_dim:]
