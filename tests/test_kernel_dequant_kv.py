@@ -73,8 +73,11 @@ def _check(a):
     assert keys.shape == ref_k.shape and keys.dtype == torch.float32 and values.shape == ref_v.shape
     for out, ref in ((keys, ref_k), (values, ref_v)):
         assert torch.isfinite(out).all()
-        # Same codewords, same float32 operations in another order: float32 rounding only.
-        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+        # Same codewords, same float32 operations in another order: float32 rounding only, which in the Hadamard
+        # product's sums of head_dim terms grows with head_dim (at 256: 2.4e-5 on the H200, 10 of 12.3M elements
+        # beyond 1e-5).
+        dim = out.shape[-1]
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5 * max(1.0, dim / 64))
 
 
 @pytest.mark.parametrize("key_bits,value_bits", [(4, 2), (3, 2), (2, 4), (3, 3)])
