@@ -4,7 +4,7 @@ The model is built from a ``LlamaConfig`` with the shape of Llama-3.1-8B (32 lay
 14336, 32 query / 8 KV heads, head_dim 128, vocab 128256, rope_theta 500000, max_position_embeddings 262144;
 ``--layers``, ``--hidden``, ``--intermediate`` and ``--vocab`` shrink it) with random weights in bf16, so no
 download is needed. For each context length T (``--lengths``) and a random prompt of T tokens, one row per
-cache and mode:
+cache and mode (run in the order: every preset, then the two bf16 rows):
 
 * ``bf16 DynamicCache``, eager, ``sdpa`` attention: the baseline;
 * ``bf16 StaticCache``, the decode step compiled by Inductor with ``mode="reduce-overhead"`` (transformers'

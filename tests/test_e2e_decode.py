@@ -31,23 +31,23 @@ def _run(e2e, tmp_path, *flags: str) -> list[dict]:
 def test_smoke_eager_rows(e2e, tmp_path, capsys):
     rows = _run(e2e, tmp_path, "--modes", "eager", "--presets", "quant_only,balanced")
     assert [(r["T"], r["cache"], r["mode"]) for r in rows] == [
-        (512, e2e.BASELINE, "eager"), (512, e2e.STATIC, "compiled"), (512, "quant_only", "eager"),
-        (512, "balanced", "eager")]
+        (512, "quant_only", "eager"), (512, "balanced", "eager"), (512, e2e.BASELINE, "eager"),
+        (512, e2e.STATIC, "compiled")]
     for row in rows:
         assert "error" not in row, row
         for key in ("prefill_s", "decode_ms_per_token", "allocated_mib", "bf16_mib", "ratio"):
             assert row[key] > 0, (key, row)
         assert row["peak_gib"] is None and row["seqs_128k"] is None  # no CUDA allocator on the CPU
-    for baseline in rows[:2]:
+    for baseline in rows[2:]:
         assert baseline["ratio"] == 1.0 and baseline["allocated_mib"] == baseline["bf16_mib"]
     # The StaticCache holds its whole capacity (the prompt and every decode call) in the model's bf16, 2 layers x
     # 2 (keys, values) x KV heads x head_dim x 2 bytes per token.
     config = e2e.build_model(e2e.parse_args(["--smoke"])).config
     per_token = 2 * 2 * config.num_key_value_heads * config.head_dim * 2
-    assert rows[1]["capacity_tokens"] == 512 + 1 + 2 + 4
-    assert rows[1]["allocated_mib"] * 2**20 == per_token * rows[1]["capacity_tokens"]
-    assert 2.0 < rows[2]["ratio"] < rows[3]["ratio"]  # balanced evicts on top of quant_only's codes
-    assert rows[3]["layer_key_bits"] and set(rows[3]["layer_key_bits"]) <= {3, 4}
+    assert rows[3]["capacity_tokens"] == 512 + 1 + 2 + 4
+    assert rows[3]["allocated_mib"] * 2**20 == per_token * rows[3]["capacity_tokens"]
+    assert 2.0 < rows[0]["ratio"] < rows[1]["ratio"]  # balanced evicts on top of quant_only's codes
+    assert rows[1]["layer_key_bits"] and set(rows[1]["layer_key_bits"]) <= {3, 4}
     printed = capsys.readouterr().out
     assert "| T | cache | mode | prefill s | decode ms/token |" in printed
     assert "| 512 | NexusCache `balanced` | eager |" in printed
