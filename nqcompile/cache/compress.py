@@ -122,7 +122,7 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
     if first_chunk:
         set_norm(st, pk, pv, ppos, preal & ~sp.is_sink)
         if policy.relaxable:
-            key_kl = relax_key_bits(st, policy.preset, query, pk, ppos, middle, qtime, key_time, preal, scaling)
+            key_kl = relax_key_bits(st, policy.preset, query, pk, pv, ppos, middle, qtime, key_time, preal, scaling)
         st.take(sp.is_sink, pk, pv, None, "sink")
         st.sink_len = sp.n_sink
     if policy.evicting:
@@ -145,10 +145,11 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
     return key_kl
 
 
-def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qtime, key_time, key_valid,
-                    scaling) -> float | None:
+def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, pv, ppos, coded, qtime, key_time, key_valid,
+                   scaling) -> float | None:
     """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
-    ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl`; ``coded``: the tokens that become codes)
+    ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl` over
+    :meth:`~nqcompile.cache.storage.LayerStorage.round_trip_keys`; ``coded``: the tokens that become codes)
     in every sequence that codes at least ``MIN_TRIAL_TOKENS`` tokens; with none, the layer keeps its bits.
     Returns the KL measured (the largest over the sequences measured), or None.
 
@@ -158,9 +159,9 @@ def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, ppos, coded, qti
     if not bool(measured.any()):
         return None
     c = st.codec
-    kl = trial_key_kl(query, pk, ppos, coded, transform=c.with_bits(c.key_bits - 1, c.value_bits).transform, hadamard=c.hadamard, inv_freq=c.inv_freq,
-                      norm_mean=c.norm_mean[0], norm_scale=c.norm_scale[0], query_time=qtime, key_time=key_time,
-                      key_valid=key_valid, window=preset.observation_window, scaling=scaling)
+    trial = st.round_trip_keys(pk, pv, ppos, c.key_bits - 1)
+    kl = trial_key_kl(query, pk, trial, coded, query_time=qtime, key_time=key_time, key_valid=key_valid,
+                      window=preset.observation_window, scaling=scaling)
     key_kl = float(kl[measured].max())
     if key_kl < preset.relax_key_kl:
         st.set_key_bits(c.key_bits - 1)  # nothing is coded or warm before the first chunk ends

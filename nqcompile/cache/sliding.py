@@ -309,7 +309,7 @@ class SlidingLayer(NexusLayer):
                 time = torch.arange(width, device=st.device)
                 q_real = real[:, real.shape[1] - query.shape[2]:]
                 qtime = torch.where(q_real, time[width - query.shape[2]:][None], -1)
-                self.key_kl = relax_key_bits(st, self.preset, query, pk, ppos, coded, qtime,
+                self.key_kl = relax_key_bits(st, self.preset, query, pk, pv, ppos, coded, qtime,
                                               time[None].expand_as(preal), visible, scaling)
         count = coded.sum(1)
         index = ordered_index(coded, int(count.max()))

@@ -3,7 +3,7 @@
 Measured on SmolLM2-135M (README, Results): the perplexity cost of 3-bit keys concentrates in a few layers,
 and the layers whose observation queries' attention changes least under 3-bit keys can store them at
 3 bits at almost no cost. At the end of the first prefill chunk a layer codes its keys one bit lower as a
-trial (the reference codec of :mod:`nqcompile.codec.kv`), measures the KL divergence between the
+trial (:meth:`nqcompile.cache.storage.LayerStorage.round_trip_keys`), measures the KL divergence between the
 attention of the chunk's last queries over the exact keys and over the trial keys, and stores its keys at
 the lower width when that divergence is below the preset's ``relax_key_kl``. Like the observation scorer
 (SnapKV, Li et al. 2024, arXiv:2404.14469), it uses the chunk's own queries: no extra forward. KVTuner (Li
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ..codec.kv import KVTransform, decode_keys, encode_keys
 from .observation import observation_logits
 
 __all__ = ["MIN_TRIAL_TOKENS", "attention_kl", "trial_key_kl"]
@@ -49,23 +48,18 @@ def attention_kl(query: torch.Tensor, key: torch.Tensor, key_hat: torch.Tensor, 
     return (kl * real[:, None, None, :]).sum(dim=(1, 2, 3)) / n.clamp(min=1)
 
 
-def trial_key_kl(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, coded: torch.Tensor, *,
-                 transform: KVTransform, hadamard: torch.Tensor, inv_freq: torch.Tensor, norm_mean: torch.Tensor,
-                 norm_scale: torch.Tensor, query_time: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
-                 window: int, scaling: float) -> torch.Tensor:
-    """:func:`attention_kl` (``[B]``) of coding the ``coded`` keys with ``transform`` (the others stay exact).
+def trial_key_kl(query: torch.Tensor, key: torch.Tensor, key_trial: torch.Tensor, coded: torch.Tensor, *,
+                 query_time: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor, window: int,
+                 scaling: float) -> torch.Tensor:
+    """:func:`attention_kl` (``[B]``) of replacing the ``coded`` keys by their trial coding (the others stay exact).
 
     Args:
-        query: ``[B, Hq, Lq, D]``. key: ``[B, Hkv, Lk, D]`` post-RoPE keys. positions: ``[B, Lk]`` int64 RoPE positions.
+        query: ``[B, Hq, Lq, D]``. key: ``[B, Hkv, Lk, D]`` post-RoPE keys.
+        key_trial: ``[B, Hkv, Lk, D]`` the same keys coded at the trial's width and decoded (post-RoPE; any float
+            dtype, cast to ``key``'s): :meth:`nqcompile.cache.storage.LayerStorage.round_trip_keys`.
         coded: ``[B, Lk]`` bool, the keys that would be stored as codes (not sinks, window or padding).
-        transform: codec parameters of the trial (its ``key_bits`` is the width tried).
-        hadamard, inv_freq: ``[D, D]`` and ``[rotary_dim / 2]`` float32.
-        norm_mean, norm_scale: ``[B, Hkv, D]`` float32 per-channel key normalization.
         query_time, key_time, key_valid, window, scaling: as for :func:`attention_kl`.
     """
-    pos = positions[:, None, :].expand(-1, key.shape[1], -1)
-    codes, scales = encode_keys(key, pos, hadamard, inv_freq, norm_mean, norm_scale, transform)
-    decoded = decode_keys(codes, scales, pos, hadamard, inv_freq, norm_mean, norm_scale, transform)
-    key_hat = torch.where(coded[:, None, :, None], decoded.to(key.dtype), key)
+    key_hat = torch.where(coded[:, None, :, None], key_trial.to(key.dtype), key)
     return attention_kl(query, key, key_hat, query_time=query_time, key_time=key_time, key_valid=key_valid,
                         window=window, scaling=scaling)
