@@ -242,8 +242,10 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
         usable = " or ".join(f"scorer={name!r}" for name, entry in SCORERS.items()
                              if not (entry.needs_queries or entry.needs_model))
         missing = "queries" if scorer.needs_queries else "model"
+        mass = " (with keep_mass=0: only the re-reading's scores are attention probabilities)" if chosen.keep_mass \
+            else ""
         raise ValueError(f"compress_kv_cache has no {missing} to score tokens with scorer={chosen.scorer!r}; pass "
-                         f"{usable} or eviction_ratio=0, or let an optimized model compress during its prefill")
+                         f"{usable}{mass} or eviction_ratio=0, or let an optimized model compress during its prefill")
     if chosen.relax_key_kl:
         raise ValueError(f"compress_kv_cache has no queries to measure relax_key_kl={chosen.relax_key_kl} with; pass "
                          "relax_key_kl=0 (every layer keeps key_bits), or let an optimized model compress during its "

@@ -40,14 +40,14 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
         src = DynamicCache()
         model(prompt, past_key_values=src)
         with pytest.raises(ValueError, match="no queries"):
-            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation")
-        with pytest.raises(ValueError, match="scorer='reconstruction'"):
-            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="reconstruction")
+            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation", keep_mass=0)
+        with pytest.raises(ValueError, match=r"scorer='reconstruction'.*scorer='key_diff' \(with keep_mass=0"):
+            nqcompile.compress_kv_cache(src, "balanced", config=model.config)
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
         assert nqcompile.compress_kv_cache(src, config=model.config).preset.name == "asym"  # the default works
-        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, relax_key_kl=0,
-                                            recent_window=16, min_evict_tokens=0)
+        cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, keep_mass=0,
+                                            relax_key_kl=0, recent_window=16, min_evict_tokens=0)
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
         assert cache.layers[0].storage.code_len.tolist()[0] == kept - 16
         out = model(prompt[:, :1], past_key_values=cache)  # the full window flushes one block first
@@ -128,7 +128,8 @@ def test_continuing_a_generation_token_by_token_equals_generating_at_once(preset
 def test_generate_re_reads_for_a_model_whose_config_has_layer_types():
     """Qwen2 configs list layer_types, so generate hands a compileable cache's masks over as a dict per layer type;
     the re-reading hook reads the full-attention one."""
-    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16)
+    # keep_mass=0: a random model's attention is spread, so 97% of its mass would keep nearly every token
+    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16, keep_mass=0)
     ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(6))
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values

@@ -38,6 +38,12 @@ def test_unknown_preset_and_bits():
         nqcompile.get_preset("balanced", scorer="reconstruction", layer_budget="pyramid")
     with pytest.raises(ValueError, match="warm_bits=3 is below key_bits=4"):
         nqcompile.get_preset("quant_only", warm_tokens=64, warm_bits=3)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"keep_mass=.* must be in \[0, 1\]"):
+            nqcompile.get_preset("balanced", keep_mass=bad)
+    with pytest.raises(ValueError, match="keep_mass=0.9 needs scores that are attention probabilities"):
+        nqcompile.get_preset("asym", eviction_ratio=0.5, scorer="key_diff", keep_mass=0.9)
+    assert nqcompile.get_preset("balanced", keep_mass=1.0).keep_mass == 1.0
 
 
 def test_cache_past_its_capacity():

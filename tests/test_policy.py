@@ -11,7 +11,8 @@ from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile.ops import blockwise
 from nqcompile.policy import KeyDiffScorer, KeyNormScorer, ObservationScorer, layer_eviction_ratios, select_kept
 from nqcompile.policy.key_bits import attention_kl
-from nqcompile.policy.reconstruction import allocate_across_layers, max_attention_probability, reconstruction_scores
+from nqcompile.policy.reconstruction import (allocate_across_layers, mass_budget, max_attention_probability,
+                                             reconstruction_scores)
 
 
 @settings(max_examples=50, deadline=None)
@@ -176,6 +177,34 @@ def test_allocate_across_layers_takes_the_best_slots_of_each_layers_best_head(ba
             cut = taken[-1][0]
             for layer, s in enumerate(scores):
                 assert all(int((s[b, h] > cut).sum()) <= int(counts[layer][b]) for h in range(heads))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.lists(st.integers(0, 12), min_size=1, max_size=4),
+       st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.99, 1.0]), st.data())
+def test_keep_mass_keeps_the_fewest_best_slots_carrying_the_mass_and_at_least_the_floor(batch, heads, lengths, mass,
+                                                                                         data):
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    scores = []
+    for n in lengths:  # probabilities, some sharp, some zero (a key no query saw), some not candidates
+        s = torch.rand(batch, heads, n, generator=g) ** data.draw(st.sampled_from([1, 4, 16]))
+        s = s.masked_fill(torch.rand(batch, heads, n, generator=g) < 0.1, 0.0)
+        scores.append(s.masked_fill(torch.rand(batch, 1, n, generator=g) < 0.3, float("-inf")))
+    floor = torch.tensor([data.draw(st.integers(0, sum(lengths) + 2)) for _ in range(batch)])
+    counts = allocate_across_layers(scores, floor, keep_mass=mass)
+    for b in range(batch):
+        # Brute force: the slot values (j-th best score of a layer's best head), best first; the smallest prefix
+        # whose sum reaches the share of all of them.
+        slots = sorted((max(sorted(s[b, h].tolist(), reverse=True)[j] for h in range(heads))
+                        for s in scores for j in range(s.shape[2])), reverse=True)
+        slots = [x for x in slots if x > float("-inf")]
+        need = next(k for k in range(len(slots) + 1) if sum(slots[:k]) >= mass * sum(slots))
+        assert int(mass_budget(torch.tensor([slots + [float("-inf")]], dtype=torch.float64), mass)) == need
+        kept = sum(int(c[b]) for c in counts)
+        assert kept == min(max(int(floor[b]), need), len(slots))
+        # The same slots as the fraction-only rule given that total.
+        assert [int(c[b]) for c in counts] == [int(c[b]) for c in allocate_across_layers(
+            scores, torch.full_like(floor, max(int(floor[b]), need)))]
 
 
 def _dense_reconstruction_scores(query, key, visible, scaling, target):

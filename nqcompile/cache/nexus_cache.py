@@ -150,7 +150,8 @@ class NexusCache(Cache):
         :data:`~nqcompile.policy.reconstruction.REREAD_TOKENS` real tokens (cut per sequence, so a padded row
         is read as it would be alone); the layers attend over what they
         hold but store nothing, and note for each token of the chunk the most attention it receives. Then
-        the kept-token budget of all layers together is shared among them
+        the kept-token budget of all layers together (``1 - eviction_ratio`` of their tokens, or more where
+        ``keep_mass`` of the scores needs more) is shared among them
         (:func:`~nqcompile.policy.reconstruction.allocate_across_layers`) and every deferred layer
         compresses its chunk. A model prepared by :func:`nqcompile.optimize` calls this itself after each
         forward that leaves a chunk deferred.
@@ -171,7 +172,8 @@ class NexusCache(Cache):
         """
         deferred = self._reread(model, input_ids, attention_mask)
         candidates = [layer.reconstruction_candidates() for layer in deferred]
-        counts = allocate_across_layers([c[0] for c in candidates], sum(c[1] for c in candidates))
+        counts = allocate_across_layers([c[0] for c in candidates], sum(c[1] for c in candidates),
+                                        keep_mass=self.preset.keep_mass)
         for layer, count in zip(deferred, counts):
             layer.finish_deferred(count)
 

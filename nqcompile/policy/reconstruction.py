@@ -10,7 +10,9 @@ The scores are probabilities, comparable across heads and layers, so KVzip ranks
 together. Here every head of a layer keeps the same number of tokens (the storage holds one length per
 sequence and layer): layer ``l``'s ``j``-th slot is worth the ``j``-th best score of its best head, and
 the ``total`` best slots over all layers win (:func:`allocate_across_layers`). Every head then keeps at
-least the tokens that KVzip's own threshold would keep for it.
+least the tokens that KVzip's own threshold would keep for it. With ``Preset.keep_mass`` the total is the model's:
+at least the slots whose scores carry that share of all the slots' score mass (:func:`mass_budget`), so a model
+whose attention needs more tokens (few global layers, sharp attention) keeps more than ``eviction_ratio`` leaves.
 
 The re-reading is one more forward pass over the chunk (:meth:`nqcompile.NexusCache.reconstruct`, run by
 the hook that :func:`nqcompile.optimize` installs), in pieces of :data:`REREAD_TOKENS` tokens.
@@ -28,7 +30,8 @@ import torch
 
 from ..ops.blockwise import compute_dtype, logsumexp_blocks, score_tile, tile_sizes
 
-__all__ = ["REREAD_TOKENS", "reconstruction_scores", "max_attention_probability", "allocate_across_layers"]
+__all__ = ["REREAD_TOKENS", "reconstruction_scores", "max_attention_probability", "allocate_across_layers",
+           "mass_budget"]
 
 #: Tokens of the chunk re-read per forward call (KVzip re-reads long contexts in pieces of 2K tokens).
 REREAD_TOKENS = 2048
@@ -110,24 +113,46 @@ def _column_max(query, key, visible, lse, scaling, query_tile) -> torch.Tensor:
     return top
 
 
-def allocate_across_layers(scores: list[torch.Tensor], total: torch.Tensor) -> list[torch.Tensor]:
-    """Split a budget of ``total[b]`` kept tokens per sequence across layers by their scores.
+def allocate_across_layers(scores: list[torch.Tensor], total: torch.Tensor,
+                           keep_mass: float = 0.0) -> list[torch.Tensor]:
+    """Split a budget of at least ``total[b]`` kept tokens per sequence across layers by their scores.
 
     Args:
-        scores: per layer, ``[B, H, L_l]`` scores (higher is better), ``-inf`` for tokens that are not
-            candidates. Heads of one layer keep the same number of tokens.
-        total: ``[B]`` int64, kept tokens per sequence summed over the layers (each layer's count is per head).
+        scores: per layer, ``[B, H, L_l]`` scores (higher is better; attention probabilities for ``keep_mass``),
+            ``-inf`` for tokens that are not candidates. Heads of one layer keep the same number of tokens.
+        total: ``[B]`` int64, the least kept tokens per sequence summed over the layers (each layer's count is
+            per head).
+        keep_mass: share in [0, 1] of the pooled slots' score mass that the kept slots must carry
+            (:func:`mass_budget`): a sequence keeps ``max(total[b], slots carrying keep_mass)``; 0 keeps ``total``.
 
     Returns:
-        per layer, ``[B]`` int64 counts summing to ``min(total[b], candidates)`` over the layers. Layer
+        per layer, ``[B]`` int64 counts summing to ``min(budget[b], candidates)`` over the layers. Layer
         ``l``'s ``j``-th slot is worth ``max_h`` of the ``j``-th best score of head ``h``; the best
-        ``total[b]`` slots over all layers are taken (ties: the earlier layer, then the earlier slot).
+        ``budget[b]`` slots over all layers are taken (ties: the earlier layer, then the earlier slot).
     """
     envelope = [s.float().sort(dim=-1, descending=True).values.amax(dim=1) for s in scores]  # [B, L_l]
     pooled = torch.cat(envelope, dim=1)
     owner = torch.cat([torch.full((e.shape[1],), i, device=pooled.device) for i, e in enumerate(envelope)])
     order = pooled.sort(dim=1, descending=True, stable=True).indices
+    if keep_mass > 0:
+        total = torch.maximum(total, mass_budget(pooled.gather(1, order), keep_mass))
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(pooled.shape[1], device=pooled.device)
                                              .expand_as(order).contiguous())
     taken = (rank < total[:, None]) & (pooled > float("-inf"))
     return [(taken & (owner == i)[None]).sum(1) for i in range(len(scores))]
+
+
+def mass_budget(ranked: torch.Tensor, keep_mass: float) -> torch.Tensor:
+    """The fewest best slots whose scores carry ``keep_mass`` of a sequence's score mass.
+
+    Args:
+        ranked: ``[B, N]`` non-negative scores (attention probabilities) sorted in descending order per row,
+            ``-inf`` (no candidate, sorted last) counting as 0.
+        keep_mass: target share in [0, 1] of each row's summed scores.
+
+    Returns:
+        ``[B]`` int64, per row the smallest ``k`` with ``sum(ranked[b, :k]) >= keep_mass * sum(ranked[b])``
+        (summed in float64): 0 for ``keep_mass=0`` or a row without mass, never more than the row's positive scores.
+    """
+    cum = torch.nn.functional.pad(ranked.double().clamp(min=0), (1, 0)).cumsum(dim=1)  # cum[:, k]: the k best
+    return (cum < keep_mass * cum[:, -1:]).sum(1)
