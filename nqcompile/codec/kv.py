@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_kernel import cpu_kernel, eager_on_cpu
+from .lattice import E8LatticeCode, decode_words, word_view
 from .registry import code_for
 from .rope import apply_rotary, rotary_cos_sin, rotate_by
 from .scales import decode_scale
@@ -152,9 +153,19 @@ def decode_keys(codes: torch.Tensor, scale_codes: torch.Tensor, positions: torch
     (:mod:`~nqcompile.codec.cpu_kernel`), one pass over the keys instead of about ten. RoPE's cos/sin tables are
     computed before it as :func:`~nqcompile.codec.rope.apply_rotary` computes them, and the kernel's products and
     sums round as the eager ops do, so both paths give the same keys bit for bit (``tests/codec/test_kv_kernel.py``).
+    For 3- and 4-bit E8 codes the whole decode is one kernel (:func:`_fused_kernel`: the codes read in place as int32
+    words, the E8 decode, the per-vector scale, the Hadamard product and the de-normalization and RoPE), the same
+    keys bit for bit again.
     """
     dim = hadamard.shape[0]
-    x = dequantize_vectors(codes, scale_codes, code_for(t.kind, t.key_bits), dim) @ hadamard
+    code = code_for(t.kind, t.key_bits)
+    fused = _fused_kernel(code, codes, scale_codes, hadamard, norm_mean, norm_scale, positions, inv_freq, t)
+    if fused is not None:
+        kernel, words, s = fused
+        cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
+        return kernel(words, s, code.shift, hadamard, norm_scale.contiguous(), norm_mean.contiguous(),
+                      cos.contiguous(), sin.contiguous())
+    x = dequantize_vectors(codes, scale_codes, code, dim) @ hadamard
     cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
     args = (x, norm_scale, norm_mean, cos, sin)
     kernel = _denormalize_rotate_kernel(*args, layout=t.layout) if x.numel() and eager_on_cpu(*args) else None
@@ -183,6 +194,67 @@ def _denormalize_rotate_kernel(x: torch.Tensor, scale: torch.Tensor, mean: torch
                       f"positions={heads})", lambda *a: _denormalize_rotate(*a, layout=layout), *example)
 
 
+def _decode_keys_words(words: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, hadamard: torch.Tensor,
+                       scale: torch.Tensor, mean: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                       bits: int, gain: float, layout: str) -> torch.Tensor:
+    """:func:`decode_keys` from the codes' int32 words (:func:`~nqcompile.codec.lattice.word_view`), the decoded
+    per-vector scales ``s`` ``[B, H, n]`` and RoPE's tables, traceable: what the fused CPU kernel computes."""
+    x = (decode_words(words, shift, bits=bits, gain=gain) * s[..., None]) @ hadamard
+    return _denormalize_rotate(x, scale, mean, cos, sin, layout=layout)
+
+
+def _decode_values_words(words: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, hadamard: torch.Tensor,
+                         scale: torch.Tensor, mean: torch.Tensor, *, bits: int, gain: float) -> torch.Tensor:
+    """:func:`decode_values` from the codes' int32 words and decoded scales ``s``, traceable (the fused CPU kernel)."""
+    y = (decode_words(words, shift, bits=bits, gain=gain) * s[..., None]) @ hadamard
+    return y * scale[:, :, None] + mean[:, :, None]
+
+
+def _fused_kernel(code, codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torch.Tensor,
+                  norm_mean: torch.Tensor, norm_scale: torch.Tensor, positions: torch.Tensor | None,
+                  inv_freq: torch.Tensor | None, t: KVTransform):
+    """``(kernel, words, s)`` for decoding ``codes`` by one CPU kernel that Inductor generates from
+    :func:`_decode_keys_words` (``positions`` given) or :func:`_decode_values_words`: the E8 decode straight from the
+    codes' int32 words (no transposed copy of the codes), the per-vector scale, the Hadamard product, the
+    per-channel scale and mean and, for keys, RoPE (its cos/sin tables computed eagerly before: in the kernel they
+    would be computed once per head and element instead of once per position, several times slower, and round
+    differently). The same values as the ops one by one, bit for bit. None where this path does
+    not apply (another code, 2 bits, 3 bits with a head dim not a multiple of 32, not on the CPU, inside a trace, no
+    tokens) or Inductor cannot build the kernel; the caller then runs the ops one by one."""
+    if not isinstance(code, E8LatticeCode) or code.bits == 2 or codes.shape[-2] == 0:
+        return None
+    tensors = (codes, scale_codes, hadamard, norm_mean, norm_scale) + (() if positions is None else (positions,))
+    if not eager_on_cpu(*tensors) or hadamard.dtype != torch.float32 or norm_mean.dtype != torch.float32 \
+            or norm_scale.dtype != torch.float32:
+        return None
+    words = word_view(codes, code.bits)
+    if words is None:
+        return None
+    dim, bits, gain, lead = hadamard.shape[0], code.bits, code.gain, codes.shape[:-1]
+    if len(lead) != 3:
+        return None
+    width, rotary_half = words.shape[-1], 0 if inv_freq is None else inv_freq.shape[-1]
+    # Example sizes for the batch, heads and tokens that no fixed size equals: make_fx gives equal sizes one symbol.
+    b, h, n = [size for size in range(2, 64) if size not in (width, 8, dim, 2 * rotary_half)][:3]
+    example = [torch.zeros(b, h, n, width, dtype=torch.int32), torch.zeros(b, h, n), torch.zeros(8),
+               torch.zeros(dim, dim), torch.zeros(b, h, dim), torch.zeros(b, h, dim)]
+    if positions is None:
+        name = f"decode_values_words(bits={bits}, gain={gain!r}, head_dim={dim})"
+        kernel = cpu_kernel(name, lambda *a: _decode_values_words(*a, bits=bits, gain=gain), *example)
+    else:
+        if positions.dim() != 3 or positions.is_floating_point() or inv_freq is None:
+            return None
+        shared, rotary_dim = positions.shape[1] == 1, 2 * rotary_half
+        example += [torch.zeros(b, 1 if shared else h, n, rotary_dim) for _ in range(2)]  # distinct: cos, sin
+        name = (f"decode_keys_words(bits={bits}, gain={gain!r}, head_dim={dim}, rotary_dim={rotary_dim}, "
+                f"layout={t.layout}, positions={'shared' if shared else 'per_head'})")
+        kernel = cpu_kernel(name, lambda *a: _decode_keys_words(*a, bits=bits, gain=gain, layout=t.layout),
+                            *example)
+    if kernel is None:
+        return None
+    return kernel, words.contiguous(), decode_scale(scale_codes).contiguous()
+
+
 def encode_values(value: torch.Tensor, hadamard: torch.Tensor, norm_mean: torch.Tensor, norm_scale: torch.Tensor,
                   t: KVTransform) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize values ``[B, H, n, D]`` -> uint8 codes ``[B, H, n, value_bits * D / 8]`` and scale codes ``[B, H, n]``.
@@ -197,8 +269,12 @@ def decode_values(codes: torch.Tensor, scale_codes: torch.Tensor, hadamard: torc
                   norm_scale: torch.Tensor, t: KVTransform) -> torch.Tensor:
     """Inverse of :func:`encode_values`: float32 ``[B, H, n, D]``."""
     dim = hadamard.shape[0]
-    return fold_values(dequantize_vectors(codes, scale_codes, code_for(t.kind, t.value_bits), dim), None, hadamard,
-                       norm_mean, norm_scale)
+    code = code_for(t.kind, t.value_bits)
+    fused = _fused_kernel(code, codes, scale_codes, hadamard, norm_mean, norm_scale, None, None, t)
+    if fused is not None:
+        kernel, words, s = fused
+        return kernel(words, s, code.shift, hadamard, norm_scale.contiguous(), norm_mean.contiguous())
+    return fold_values(dequantize_vectors(codes, scale_codes, code, dim), None, hadamard, norm_mean, norm_scale)
 
 
 def value_rows(codes: torch.Tensor, scale_codes: torch.Tensor, dim: int, t: KVTransform) -> tuple[torch.Tensor,

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -69,6 +70,8 @@ __all__ = [
     "DEFAULT_GAIN",
     "DEFAULT_SHRINK_GRID",
     "decode_blocks",
+    "decode_words",
+    "word_view",
 ]
 
 #: Generator matrix of E8 (rows are basis vectors; Conway and Sloane, SPLAG ch. 4 eq. (98)).
@@ -308,6 +311,19 @@ class E8LatticeCode:
         """
         check_decode_input(codes, dim, self.bytes_per_vector(dim), "E8LatticeCode")
         lead = codes.shape[:-1]
+        words = self._words_kernel(codes)
+        if words is not None:
+            # Inductor's kernel of decode_words, reading the codes in place as int32 words: the same values again.
+            kernel, w = words
+            return kernel(w.reshape(-1, w.shape[-1]).contiguous(), self.shift).reshape(*lead, dim)
+        if self.bits == 2 and sys.byteorder == "little" and eager_on_cpu(codes):
+            try:  # the blocks' 16-bit words read in place, looked up without a copy of the codes
+                half = codes.view(torch.int16)
+            except RuntimeError:  # last dim not contiguous or rows not 2-byte aligned
+                half = None
+            if half is not None:
+                word = half.to(torch.int32) & 0xFFFF
+                return torch.nn.functional.embedding(word, self._table(codes.device)).reshape(*lead, dim)
         groups = codes.reshape(-1, self.bits)  # one 8-dim block per row
         kernel = self._cpu_kernel(groups)
         if kernel is not None:
@@ -342,6 +358,21 @@ class E8LatticeCode:
         return cpu_kernel(f"e8_decode_blocks(bits={bits}, gain={gain!r})",
                           lambda packed, shift: decode_blocks(packed, shift, bits=bits, gain=gain),
                           groups[:2].T.contiguous(), self.shift)
+
+    def _words_kernel(self, codes: Tensor):
+        """``(kernel, words)``: the compiled :func:`decode_words` and the codes' int32 words (:func:`word_view`), or
+        None where :meth:`_cpu_kernel`'s path (or the torch reference) decodes them: where the codes cannot be read
+        as words, for fewer than 2 vectors, in the cases of :meth:`_cpu_kernel`."""
+        words = word_view(codes, self.bits)
+        if words is None or codes.numel() < 2 * codes.shape[-1] or not eager_on_cpu(codes):
+            return None
+        bits, gain, width = self.bits, self.gain, words.shape[-1]
+        # one kernel per width (make_fx would give the rows and a width of 8 the symbol of the shift's 8 entries)
+        rows = 3 if width == 2 else 2
+        kernel = cpu_kernel(f"e8_decode_words(bits={bits}, gain={gain!r}, width={width})",
+                            lambda w, shift: decode_words(w, shift, bits=bits, gain=gain),
+                            torch.zeros(rows, width, dtype=torch.int32), self.shift)
+        return None if kernel is None else (kernel, words)
 
     def _decode_t(self, k: Tensor) -> Tensor:
         """Decoded blocks, coordinate-major: labels k int32 [8, N] -> float32 [8, N]."""
@@ -442,12 +473,56 @@ def decode_blocks(packed: Tensor, shift: Tensor, *, bits: int, gain: float) -> T
             high = torch.floor(word * (1.0 / q))
             k.append(word - q * high)
             word = high
+    return torch.stack(_label_coordinates(k, shift, bits=bits, gain=gain), -1)
+
+
+def word_view(codes: Tensor, bits: int) -> Tensor | None:
+    """Packed codes ``[..., bits * D / 8]`` (uint8, last dim contiguous) seen as little-endian int32 words
+    ``[..., bits * D / 32]`` without a copy, for :func:`decode_words`; None where they cannot be: 2 bits, 3 bits with
+    ``D`` not a multiple of 32 (four blocks share three words), a big-endian host, or codes whose rows are not
+    4-byte aligned."""
+    if (bits not in (3, 4) or codes.dtype != torch.uint8 or codes.shape[-1] % (4 if bits == 4 else 12)
+            or sys.byteorder != "little"):
+        return None
+    try:
+        return codes.view(torch.int32)
+    except RuntimeError:  # last dim not contiguous or the storage offset not a multiple of 4
+        return None
+
+
+def decode_words(words: Tensor, shift: Tensor, *, bits: int, gain: float) -> Tensor:
+    """:func:`decode_blocks` of codes read as int32 words (:func:`word_view`), in elementwise torch ops only: the
+    labels are unpacked with integer shifts and masks, straight from the codes' own layout (no transposed copy),
+    then decoded as :func:`decode_blocks` decodes them (bit for bit the same values).
+
+    Args:
+        words: int32 ``[..., W]``: at 4 bits one word per 8-dim block; at 3 bits three words per four blocks.
+        shift, bits (3 or 4), gain: as for :func:`decode_blocks`.
+
+    Returns:
+        float32 ``[..., D]`` with ``D = 8 W`` (4 bits) or ``32 W / 3`` (3 bits).
+    """
+    if bits == 4:  # label j is bits 4j .. 4j + 3 of the block's word
+        k = [((words >> (4 * j)) & 15).to(torch.float32) for j in range(8)]
+    else:  # the four 24-bit blocks of three words w0, w1, w2
+        w = words.unflatten(-1, (-1, 3))
+        w0, w1, w2 = w[..., 0], w[..., 1], w[..., 2]
+        blocks = [w0 & 0xFFFFFF, ((w0 >> 24) & 0xFF) | ((w1 & 0xFFFF) << 8),
+                  ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16), (w2 >> 8) & 0xFFFFFF]
+        k = [torch.stack([(b >> (3 * j)) & 7 for b in blocks], -1).flatten(-2).to(torch.float32) for j in range(8)]
+    return torch.stack(_label_coordinates(k, shift, bits=bits, gain=gain), -1).flatten(-2)
+
+
+def _label_coordinates(k: list[Tensor], shift: Tensor, *, bits: int, gain: float) -> list[Tensor]:
+    """The 8 coordinates ``gain * (codeword - shift)`` of blocks whose labels ``k`` (8 float32 tensors of one shape)
+    are given coordinate by coordinate."""
+    q = float(1 << bits)
     # y = k G in the order of _representatives_t
     y = [k[j] - k[j + 1] for j in range(6)]
     y[0] = y[0] + k[0]
     y = [yj + k[7] * 0.5 for yj in y] + [k[6] + k[7] * 0.5, k[7] * 0.5]
     z = e8_nearest_columns([yj / q for yj in y])
-    return torch.stack([(yj - q * zj - shift[j]) * gain for j, (yj, zj) in enumerate(zip(y, z))], -1)
+    return [(yj - q * zj - shift[j]) * gain for j, (yj, zj) in enumerate(zip(y, z))]
 
 
 def _local_search(u: Tensor, best_c: Tensor, q: int, steps: int) -> None:

@@ -87,8 +87,9 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, *, attention
     """
     _check_layout(layout)
     positions = _as_positions(positions)
-    emb = _expand_pairs(_angles(positions, inv_freq), layout).to(dtype)
-    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
+    angles = _angles(positions, inv_freq).to(dtype)  # one cosine and sine per pair, then the pair's two dims
+    return (_expand_pairs(angles.cos() * attention_scaling, layout),
+            _expand_pairs(angles.sin() * attention_scaling, layout))
 
 
 def _rotate(x: torch.Tensor, layout: str) -> torch.Tensor:

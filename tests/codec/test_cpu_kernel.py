@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from nqcompile.codec import cpu_kernel as kernel_module
 from nqcompile.codec.cpu_kernel import cpu_kernel
 from nqcompile.codec.e8 import _d8
-from nqcompile.codec.lattice import E8_GENERATOR, E8LatticeCode, decode_blocks
+from nqcompile.codec.lattice import E8_GENERATOR, E8LatticeCode, decode_blocks, decode_words, word_view
 from nqcompile.codec.packing import pack_groups, unpack_groups
 
 
@@ -109,3 +109,36 @@ def test_labels_roundtrip_through_kernel():
         codes = code.encode(x)
         out = code.decode(codes, 64)
         assert out.shape == (400, 64) and torch.equal(out, reference_decode(code, codes, 64))
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from([3, 4]), vectors=st.integers(2, 700), dim=st.sampled_from([64, 96]),
+       seed=st.integers(0, 2**31 - 1))
+def test_words_kernel_equals_reference_decoder(bits, vectors, dim, seed):
+    """Codes read in place as int32 words (decode_words, no transposed copy) decode bit for bit as the reference,
+    eagerly and through its kernel, for random codes of [2, vectors, bytes] (a slice of a larger buffer too)."""
+    code = E8LatticeCode(bits)
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randint(0, 256, (2, vectors + 3, dim * bits // 8), dtype=torch.uint8, generator=g)
+    codes = buffer[:, 1:vectors + 1]  # not contiguous: rows of a larger buffer
+    words = word_view(codes, bits)
+    assert words is not None and code._words_kernel(codes) is not None  # the kernel path is the one under test
+    expected = reference_decode(code, codes.contiguous(), dim)
+    assert torch.equal(decode_words(words, code.shift, bits=bits, gain=code.gain), expected)
+    assert torch.equal(code.decode(codes, dim), expected)
+
+
+def test_word_view_refuses_what_it_cannot_read():
+    assert word_view(torch.zeros(5, 16, dtype=torch.uint8), 2) is None  # 2 bits: the table decodes them
+    assert word_view(torch.zeros(5, 3, dtype=torch.uint8), 3) is None  # 3 bits, head dim 8: blocks straddle words
+    assert word_view(torch.zeros(5, 33, dtype=torch.uint8)[:, 1:], 4) is None  # rows not 4-byte aligned
+    assert word_view(torch.zeros(5, 32, dtype=torch.uint8), 4).shape == (5, 8)
+
+
+def test_two_bit_words_look_up_the_table():
+    """2-bit codes read in place as 16-bit words (on the CPU) decode as the reference, rows of a buffer included."""
+    code = E8LatticeCode(2)
+    buffer = torch.randint(0, 256, (2, 3, 50, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for codes in (buffer, buffer[:, :, 3:40], buffer[..., 1:9]):  # the last: odd offsets, the copying path
+        assert torch.equal(code.decode(codes, codes.shape[-1] * 4), reference_decode(code, codes.contiguous(),
+                                                                                     codes.shape[-1] * 4))
