@@ -159,14 +159,13 @@ def decode_keys(codes: torch.Tensor, scale_codes: torch.Tensor, positions: torch
     """
     dim = hadamard.shape[0]
     code = code_for(t.kind, t.key_bits)
+    cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
     fused = _fused_kernel(code, codes, scale_codes, hadamard, norm_mean, norm_scale, positions, inv_freq, t)
     if fused is not None:
         kernel, words, s = fused
-        cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
         return kernel(words, s, code.shift, hadamard, norm_scale.contiguous(), norm_mean.contiguous(),
                       cos.contiguous(), sin.contiguous())
     x = dequantize_vectors(codes, scale_codes, code, dim) @ hadamard
-    cos, sin = rotary_cos_sin(positions, inv_freq, attention_scaling=t.attention_scaling, layout=t.layout)
     args = (x, norm_scale, norm_mean, cos, sin)
     kernel = _denormalize_rotate_kernel(*args, layout=t.layout) if x.numel() and eager_on_cpu(*args) else None
     if kernel is None:

@@ -23,6 +23,17 @@ def reference_keys(codes, scale_codes, positions, hadamard, inv_freq, mean, scal
                         layout=t.layout)
 
 
+def _rope_and_norm(g, batch, heads, n, dim, rotary_dim, shared, position_dtype):
+    """Random positions (``[batch, 1 or heads, n]``), RoPE frequencies, the Hadamard matrix and per-channel key
+    statistics, drawn from ``g`` after the keys."""
+    positions = torch.randint(0, 20000, (batch, 1 if shared else heads, n), generator=g).to(position_dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    hadamard = hadamard_matrix(dim)
+    mean = torch.randn(batch, heads, dim, generator=g)
+    scale = torch.rand(batch, heads, dim, generator=g) + 0.5
+    return positions, inv_freq, hadamard, mean, scale
+
+
 CASES = [  # batch, heads, tokens, head_dim, rotary_dim, layout, attention_scaling, positions shared by heads, bits
     (1, 3, 700, 64, 64, "half", 1.0, True, 4),
     (2, 2, 37, 64, 32, "interleaved", 1.3, False, 3),
@@ -39,11 +50,8 @@ def test_decode_keys_kernel_equals_reference(batch, heads, n, dim, rotary_dim, l
     g = torch.Generator().manual_seed(n + dim)
     t = KVTransform("e8", bits, bits, scaling, rotary_dim, layout)
     key = torch.randn(batch, heads, n, dim, generator=g) * 3
-    positions = torch.randint(0, 20000, (batch, 1 if shared else heads, n), generator=g).to(position_dtype)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    hadamard = hadamard_matrix(dim)
-    mean = torch.randn(batch, heads, dim, generator=g)
-    scale = torch.rand(batch, heads, dim, generator=g) + 0.5
+    positions, inv_freq, hadamard, mean, scale = _rope_and_norm(g, batch, heads, n, dim, rotary_dim, shared,
+                                                                position_dtype)
     codes, scale_codes = encode_keys(key, positions.expand(batch, heads, n), hadamard, inv_freq, mean, scale, t)
     cos, _ = rotary_cos_sin(positions, inv_freq, attention_scaling=scaling, layout=layout)
     # the kernel path is the one under test
@@ -104,11 +112,8 @@ def test_fused_decode_equals_reference(batch, heads, n, dim, rotary_dim, layout,
     g = torch.Generator().manual_seed(3 * n + bits)
     t = KVTransform("e8", bits, bits, scaling, rotary_dim, layout)
     key, value = torch.randn(2, batch, heads, n, dim, generator=g) * 3
-    positions = torch.randint(0, 20000, (batch, 1 if shared else heads, n), generator=g).to(position_dtype)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    hadamard = hadamard_matrix(dim)
-    mean = torch.randn(batch, heads, dim, generator=g)
-    scale = torch.rand(batch, heads, dim, generator=g) + 0.5
+    positions, inv_freq, hadamard, mean, scale = _rope_and_norm(g, batch, heads, n, dim, rotary_dim, shared,
+                                                                position_dtype)
     codes, scale_codes = encode_keys(key, positions.expand(batch, heads, n), hadamard, inv_freq, mean, scale, t)
     v_codes, v_scales = encode_values(value, hadamard, mean, scale, t)
     # held as the first n slots of larger buffers
