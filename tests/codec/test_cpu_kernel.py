@@ -101,6 +101,39 @@ def test_cpu_kernel_failure_warns_and_returns_none(monkeypatch):
     assert torch.equal(out, reference_decode(code, codes, 8))
 
 
+def _wrong_when_cached(monkeypatch, wrong_uncached: bool) -> list[bool]:
+    """Make ``_compile`` return a kernel off by one from the cache (as a stale or mis-keyed FX graph cache entry
+    would), and also when compiled afresh if ``wrong_uncached``; returns the list of its ``cached`` arguments."""
+    real, calls = kernel_module._compile, []
+
+    def compile_(name, graph, fakes, *, cached):
+        calls.append(cached)
+        kernel = real(name, graph, fakes, cached=cached)
+        return (lambda *a: kernel(*a) + 1) if cached or wrong_uncached else kernel
+
+    monkeypatch.setattr(kernel_module, "_compile", compile_)
+    monkeypatch.setattr(kernel_module, "_KERNELS", {})
+    return calls
+
+
+def test_a_kernel_that_disagrees_with_its_function_is_rebuilt_without_the_cache(monkeypatch):
+    calls = _wrong_when_cached(monkeypatch, wrong_uncached=False)
+    fn = lambda a, b: a * b + a.sin()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = cpu_kernel("test_rebuilt", fn, torch.zeros(3, 5), torch.zeros(3, 5))
+    assert calls == [True, False]
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    assert torch.equal(kernel(x, y), fn(x, y))
+
+
+def test_a_kernel_that_still_disagrees_warns_and_the_reference_runs(monkeypatch):
+    calls = _wrong_when_cached(monkeypatch, wrong_uncached=True)
+    with pytest.warns(RuntimeWarning, match="differs from the function"):
+        assert cpu_kernel("test_still_wrong", lambda a: a * 3, torch.zeros(3, 5)) is None
+    assert calls == [True, False]
+
+
 def test_labels_roundtrip_through_kernel():
     """decode(encode(x)) through the kernel equals the reference decode of the same codes (encoder unchanged)."""
     for bits in (3, 4):
