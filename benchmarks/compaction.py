@@ -7,8 +7,9 @@ values, uint8 codes; the warm tier at 4 bits, 64 bytes per vector) at batch ``--
 * ``chunk_keep`` (``cache.compress.compress_chunk``, at the end of every prefill chunk): the kept tokens of the
   exact window plus an ``--chunk``-token chunk (``[B, 8, 32 + chunk, 128]``), ``--keep`` of them (ascending random
   indices per head), gathered from keys and values, and their positions. Variants: ``op``, the library's code
-  (``nqcompile::gather_tokens``, a custom op that gathers, then clones), and ``gather``, the same gather without the
-  clone;
+  (``nqcompile::gather_tokens``, a custom op: opaque to Inductor), and ``gather``, the same gather as plain torch ops
+  (which Inductor can fuse). The H200 run of 2026-12-01 measured the op when it still cloned its result (it no longer
+  does);
 * ``warm_take`` (``cache.tiers.warm_flow``, at every window flush and chunk end): the warm tier's codes, scales and
   positions (``--warm`` slots, plus the ``n`` appended: 16 at a decode flush, ``--warm`` at a chunk end, where
   ``store_kept`` appends the tier's share of the kept tokens) compacted back into the tier's buffers in place
@@ -101,7 +102,7 @@ def chunk_keep_op(pk, pv, ppos, index):
 
 
 def chunk_keep_gather(pk, pv, ppos, index):
-    """:func:`chunk_keep_op` with ``gather_tokens``'s gather and without its clone."""
+    """:func:`chunk_keep_op` with ``gather_tokens``'s gather as plain torch ops (no custom-op boundary)."""
     rows = index[..., None].expand(*index.shape, pk.shape[-1])
     return pk.gather(2, rows), pv.gather(2, rows), ppos[:, None, :].expand(-1, HEADS, -1).gather(2, index)
 

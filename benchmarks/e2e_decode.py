@@ -21,6 +21,9 @@ Measured per row:
 * prefill seconds: the prompt fed in chunks of ``--chunk`` tokens through ``model(...)`` with
   ``logits_to_keep=1``; compression at each chunk's end and, for presets that score by reconstruction
   (``balanced``), the re-reading that the hook of ``nqcompile.optimize`` runs after each chunk are included;
+  for a preset, after a throwaway prefill of the first two chunks into another cache that builds the kernels
+  (Triton compiles each on its first launch: minutes on a fresh machine), timed apart as the note's "kernel
+  warm-up prefill";
 * decode ms/token: mean over ``--steps`` single-token steps after ``--warmup`` untimed steps (the step feeds a
   fixed token and its position; 16 steps span one flush of the exact window into codes). In compiled mode the
   first call, which compiles, is timed on its own (``compile s``; Inductor's on-disk cache can shorten it on later
@@ -271,6 +274,15 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
     _reset_peak(device)
     try:
         nqcompile.optimize(model, preset)
+        # A throwaway prefill of the first two chunks first: it builds the kernels (Triton compiles each on its first
+        # launch, minutes on a fresh machine), so that prefill_s times the prefill, as compile_s is kept apart from
+        # the compiled decode.
+        warm = min(T, 2 * args.chunk)
+        warm_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=warm)
+        kernel_warmup_s = prefill(model, warm_cache, ids[:, :warm], args.chunk, f"T={T} {preset} kernel warm-up")
+        del warm_cache
+        _free(device)
+        _reset_peak(device)
         cache = nqcompile.NexusCache(model.config, preset, max_cache_len=T + calls)
         prefill_s = prefill(model, cache, ids, args.chunk, f"T={T} {preset}")
         prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -281,7 +293,7 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
     token, position = ids[:, -1:].clone(), torch.full((1, 1), T, device=device)
     step = decode_step(model, cache)
     for i, row in enumerate(rows):
-        row["prefill_s"] = prefill_s
+        row.update(prefill_s=prefill_s, kernel_warmup_s=kernel_warmup_s)
         if i and "error" in rows[i - 1]:  # a step that failed half-way leaves the shared cache inconsistent
             row["error"] = f"not run: the {rows[i - 1]['mode']} row failed on the cache they share"
             continue
@@ -316,6 +328,8 @@ def _note(row: dict, rows: list[dict]) -> str:
     if "error" in row:
         return row["error"]
     parts = []
+    if "kernel_warmup_s" in row:
+        parts.append(f"kernel warm-up prefill {row['kernel_warmup_s']:.1f} s")
     if "compile_s" in row:
         parts.append(f"first call (compile) {row['compile_s']:.1f} s, {row['graphs']} graph(s)")
         if row["timed_recompiles"]:

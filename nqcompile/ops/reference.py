@@ -102,7 +102,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, H, K, D]`` in ``x``'s dtype.
     """
-    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1])).clone()
+    return x.gather(2, index[..., None].expand(*index.shape, x.shape[-1]))  # a new tensor: no clone needed
 
 
 @gather_tokens.register_fake
