@@ -16,11 +16,11 @@ kernel, so a kernel is built per name and thread count: one built for 2 threads 
 dimensions are those of its inputs' shapes, every other parameter being baked in under the kernel's ``name``.
 
 Every kernel is checked once, when built, against the function it was generated from, on seeded random inputs of
-the example's shapes: Inductor 2.13 has served, from its FX graph cache, a kernel whose integer indexing was wrong
-for the graph that looked it up (3-bit key decode off by order one; seen on a machine whose cache many test processes
-had filled; the entry's graph and input metadata matched, its generated loops did not). So each kernel's cache entries
-are tagged with its name, the thread count and a format version (``torch.compiler.config.cache_key_tag``), and a
-kernel that fails its check is compiled again without the cache.
+the example's shapes: torch 2.13's Inductor has served, from its FX graph cache, a kernel whose integer indexing was
+wrong for the graph that looked it up (3-bit key decode off by order one; seen on a machine whose cache many test
+processes had filled; the entry's graph and input metadata matched, its generated loops did not). So each kernel's
+cache entries are tagged with its name, the thread count and a format version
+(``torch.compiler.config.cache_key_tag``), and a kernel that fails its check is compiled again without the cache.
 
 Where Inductor cannot build a kernel (no C++ compiler, an unsupported platform) or the rebuilt kernel still fails its
 check, :func:`cpu_kernel` returns None after one warning that names the cause, and the caller runs its torch
