@@ -119,12 +119,13 @@ def _wrong_when_cached(monkeypatch, wrong_uncached: bool) -> list[bool]:
 def test_a_kernel_that_disagrees_with_its_function_is_rebuilt_without_the_cache(monkeypatch):
     calls = _wrong_when_cached(monkeypatch, wrong_uncached=False)
     fn = lambda a, b: a * b + a.sin()  # noqa: E731
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         kernel = cpu_kernel("test_rebuilt", fn, torch.zeros(3, 5), torch.zeros(3, 5))
+    assert not [w for w in caught if "could not build" in str(w.message)]
     assert calls == [True, False]
     x, y = torch.randn(4, 6), torch.randn(4, 6)
-    assert torch.equal(kernel(x, y), fn(x, y))
+    torch.testing.assert_close(kernel(x, y), fn(x, y))  # the rebuilt kernel (the cached one is off by one)
 
 
 def test_a_kernel_that_still_disagrees_warns_and_the_reference_runs(monkeypatch):
