@@ -271,7 +271,6 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
     T, device = ids.shape[1], ids.device
     rows = [{"T": T, "cache": preset, "mode": mode} for mode in args.modes]
     calls = sum(args.warmup + args.steps + (mode == "compiled") for mode in args.modes)
-    _reset_peak(device)
     try:
         nqcompile.optimize(model, preset)
         # A throwaway prefill of the first two chunks first: it builds the kernels (Triton compiles each on its first
