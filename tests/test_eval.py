@@ -25,6 +25,7 @@ from nqcompile.eval import (
     read_data_text,
     run_needle_case,
     window_nll,
+    window_token_nll,
 )
 from nqcompile.eval.needle import NEEDLE, QUESTION, _found
 from nqcompile.eval.perplexity import DATA_DIR, tokenize_text
@@ -218,6 +219,21 @@ def test_continuation_nll_through_a_prefilled_cache_matches_window_nll():
     assert compressed != got and abs(compressed - got) / got < 0.05
     with pytest.raises(ValueError, match="at least 2 tokens"):
         continuation_nll(model, ids[:, :1], DynamicCache())
+
+
+def test_window_token_nll_is_the_full_forward_per_token_and_sums_to_window_nll():
+    """Per token: the cross-entropy of one full forward over the window (float64 reference), column j scoring token
+    prefix + j; its sum is window_nll's; a batch of two gives one row per sequence."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(1))
+    per_token = window_token_nll(model, ids, 70, DynamicCache())
+    assert per_token.shape == (2, 20) and per_token.dtype == torch.float32
+    with torch.inference_mode():
+        logits = model(ids).logits[:, 69:-1].double()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 70:].flatten(), reduction="none").view(2, 20)
+    torch.testing.assert_close(per_token.double(), ref, rtol=1e-4, atol=1e-4)
+    total, n = window_nll(model, ids, 70, DynamicCache())
+    assert n == 40 and total == pytest.approx(float(ref.sum()), rel=1e-5)
 
 
 def test_window_nll_rejects_bad_prefix(smollm2):

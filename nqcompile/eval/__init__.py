@@ -20,6 +20,7 @@ from nqcompile.eval.perplexity import (
     read_data_text,
     run_windows,
     window_nll,
+    window_token_nll,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "run_needle_case",
     "run_windows",
     "window_nll",
+    "window_token_nll",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "Window",
     "perplexity_windows",
     "window_nll",
+    "window_token_nll",
     "continuation_nll",
     "WindowResult",
     "run_windows",
@@ -176,15 +177,15 @@ def perplexity_windows(
 
 
 @torch.inference_mode()
-def window_nll(
+def window_token_nll(
     model,
     input_ids: torch.Tensor,
     prefix: int,
     cache,
     *,
     timings: dict | None = None,
-) -> tuple[float, int]:
-    """Negative log-likelihood of a continuation fed through ``cache`` as decode steps.
+) -> torch.Tensor:
+    """Per-token negative log-likelihood of a continuation fed through ``cache`` as decode steps.
 
     Prefills ``input_ids[:, :prefix]`` in one forward call, then runs the continuation
     ``input_ids[:, prefix:T-1]`` as decode steps, scoring tokens ``prefix .. T-1``. A
@@ -203,8 +204,8 @@ def window_nll(
             (its number of tokens), wall-clock seconds.
 
     Returns:
-        ``(nll_sum, n_tokens)``: summed NLL in nats (float) and the number of scored tokens
-        ``B * (T - prefix)``. Perplexity is ``exp(nll_sum / n_tokens)``.
+        ``(B, T - prefix)`` float32 tensor on the CPU: the NLL in nats of each scored token (column ``j`` is token
+        ``prefix + j``).
 
     Raises:
         ValueError: ``input_ids`` is not 2-D or ``prefix`` is out of range.
@@ -223,11 +224,30 @@ def window_nll(
     with replay:
         rest = model(ids[:, prefix : total - 1], **kw).logits if total - prefix > 1 else first[:, :0]
     logits = torch.cat([first, rest], 1).float()
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, prefix:].flatten(), reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, prefix:].flatten(), reduction="none")
     t2 = time.perf_counter()
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=total - prefix - 1)
-    return float(nll), ids.shape[0] * (total - prefix)
+    return nll.view(ids.shape[0], total - prefix).cpu()
+
+
+def window_nll(
+    model,
+    input_ids: torch.Tensor,
+    prefix: int,
+    cache,
+    *,
+    timings: dict | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of a continuation fed through ``cache`` as decode steps
+    (:func:`window_token_nll`, which gives it per token; same arguments and errors).
+
+    Returns:
+        ``(nll_sum, n_tokens)``: summed NLL in nats (float) and the number of scored tokens
+        ``B * (T - prefix)``. Perplexity is ``exp(nll_sum / n_tokens)``.
+    """
+    nll = window_token_nll(model, input_ids, prefix, cache, timings=timings)
+    return float(nll.double().sum()), nll.numel()
 
 
 @torch.inference_mode()
