@@ -42,12 +42,11 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ints, markdown, names, parse_with_smoke  # noqa: E402
-from quality import DTYPES, TINY, _custom, byte_level_tokenizer  # noqa: E402
+from quality import DTYPES, TINY, _custom, load_model  # noqa: E402
 
 import nqcompile  # noqa: E402
 from nqcompile.cache.layer import NexusLayer  # noqa: E402
 from nqcompile.eval import GENRES, perplexity_windows, window_token_nll  # noqa: E402
-from nqcompile.models import load_pretrained  # noqa: E402
 
 KINDS = ("copied", "markup", "identifier", "word")
 #: n of the n-gram a ``copied`` token ends.
@@ -99,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The benchmark's argument parser (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2",
-                   help="a name of nqcompile.models.PRETRAINED or a local HuggingFace folder, or tiny-llama (random "
-                        "weights) (default: smollm2)")
+                   help=f"a name of nqcompile.models.PRETRAINED or a local HuggingFace folder, or one of "
+                        f"{sorted(TINY)} (random weights, byte-level tokenizer) (default: smollm2)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="torch device the model runs on (default: cpu)")
     p.add_argument("--presets", type=names, default="quant_only",
                    help="comma-separated preset names (default: quant_only)")
     p.add_argument("--custom", type=_custom, default={},
@@ -180,12 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if args.model in TINY:
-        torch.manual_seed(args.seed)
-        model = transformers.AutoModelForCausalLM.from_config(TINY[args.model](), dtype=DTYPES[args.dtype]).eval()
-        tokenizer = byte_level_tokenizer()
-    else:
-        model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer, description = load_model(args.model, args)
     model = nqcompile.optimize(model, preset=next(iter(args.caches.values())))
     windows = [(g, w) for g in args.genres
                for w in perplexity_windows(tokenizer, n_windows=args.windows, prefix=args.prefix,
@@ -226,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(tables(records, args))
     print(f"\ncommand: {args.command}")
-    print(f"model: {args.model} ({args.dtype}); torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.threads or threads} threads; {args.windows} window(s) per genre x ({args.prefix} + "
-          f"{args.continuation}) tokens, seed {args.seed}; {time.perf_counter() - t0:.0f} s")
+    print(f"model: {description}, {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {args.threads or threads} threads; {args.windows} window(s) per genre x "
+          f"({args.prefix} + {args.continuation}) tokens, seed {args.seed}; {time.perf_counter() - t0:.0f} s")
     if args.out:
         _write(args, records)
         print(f"wrote {args.out}")

@@ -1,4 +1,4 @@
-"""The per-token and per-layer cost benchmark (benchmarks/genre_cost.py): token kinds, the one-layer cache, a smoke run."""
+"""The cost benchmark (benchmarks/genre_cost.py): token kinds, the one-layer cache, a smoke run."""
 
 from __future__ import annotations
 
