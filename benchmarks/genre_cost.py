@@ -7,7 +7,8 @@ decode steps) through the exact ``DynamicCache`` and through each cache of ``--p
 NLL of every scored token (``nqcompile.eval.window_token_nll``) and reports:
 
 * per genre and cache: the perplexity change in %, the change of mean log-likelihood in nats per token, the byte
-  ratio (``memory_report()``) and how many layers kept 4-bit keys (``relax_key_kl``);
+  ratio (``memory_report()``) and how many layers kept 4-bit keys (``relax_key_kl``; the JSON has each layer's key
+  bits and the attention KL its key-bit trial measured);
 * per genre, cache and kind of token: the token count, the exact cache's mean NLL, the mean NLL change and the kind's
   share of the window's total NLL change. Kinds, first match wins: ``copied`` (the token ends a 4-gram of tokens that
   already occurs earlier in the window: what induction heads copy), ``markup`` (no letter or digit: punctuation,
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             report = cache.memory_report()
             rec["caches"][name] = {"nll": nll.tolist(), "byte_ratio": report.compression_ratio,
                                    "layer_key_bits": list(report.layer_key_bits),
+                                   "layer_key_kl": [getattr(layer, "key_kl", None) for layer in cache.layers],
                                    "kinds": _kind_table(kinds, base, nll)}
             bar.update()
         for layer in layers:

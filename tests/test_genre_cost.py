@@ -72,6 +72,8 @@ def test_smoke_run(bench, tmp_path):
         base = np.array(w["exact_nll"])
         entry = w["caches"]["quant_only"]
         assert len(base) == len(entry["nll"]) == len(w["kinds"]) == 64
+        kl = entry["layer_key_kl"]  # the key-bit trial's KL per layer; 3-bit keys exactly where it is below 0.02
+        assert len(kl) == 2 and [b == 3 for b in entry["layer_key_bits"]] == [x < 0.02 for x in kl]
         delta = np.array(entry["nll"]) - base
         table = entry["kinds"]
         assert sum(k["tokens"] for k in table.values()) == 64
