@@ -1,10 +1,11 @@
-"""Helpers shared by the decode benchmarks (``e2e_decode.py`` on a GPU, ``decode_cpu.py`` on the CPU).
+"""Helpers shared by the benchmarks (the decode timings, ``quality.py``, ``genre_cost.py``).
 
 Not part of the library: each script puts its own folder on ``sys.path`` before importing it, so that it also
 imports when a test loads the script by its file path.
 
-* command line: :func:`names`, :func:`ints` (lists), :func:`parse_with_smoke` (``--smoke`` defaults and known
-  presets);
+* command line: :func:`names`, :func:`ints` (lists), :func:`preset_fields` (``--custom``'s JSON),
+  :func:`parse_with_smoke` (``--smoke`` defaults and known presets), :func:`build_caches` (``{name: Preset}`` from
+  ``--presets`` and ``--custom``);
 * timing: :func:`prefill` (chunks; the re-reading of a ``reconstruction`` preset timed apart; the last logits),
   :func:`time_calls` (warm-up, then timed calls; a compiled callable's first call timed on its own, and the graphs
   Dynamo compiled counted), :func:`compile_counts`;
@@ -36,6 +37,33 @@ def names(text: str) -> list[str]:
 def ints(text: str) -> list[int]:
     """``"1,2"`` -> ``[1, 2]``."""
     return [int(x) for x in names(text)]
+
+
+def preset_fields(text: str) -> dict:
+    """``--custom``'s argument: JSON ``{"name": {Preset fields}, ...}`` -> that dict (``argparse`` type)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'not JSON ({err}); expected {{"name": {{"key_bits": 4, ...}}}}') from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise argparse.ArgumentTypeError('expected {"name": {Preset fields}, ...}')
+    return data
+
+
+def build_caches(parser: argparse.ArgumentParser, presets: Sequence[str], custom: dict,
+                 reserved: str) -> dict[str, "nqcompile.Preset"]:
+    """``{name: Preset}``: the named ``presets``, then a :class:`~nqcompile.Preset` per ``custom`` entry (name ->
+    fields). A ``custom`` name already used or equal to ``reserved`` (the baseline's label), and fields the
+    ``Preset`` refuses, are usage errors (``parser.error``: exit status 2)."""
+    caches = {name: nqcompile.PRESETS[name] for name in presets}
+    for name, fields in custom.items():
+        if name in caches or name == reserved:
+            parser.error(f"--custom name {name!r} is taken; choose another")
+        try:
+            caches[name] = nqcompile.Preset(name=name, **fields)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--custom {name!r}: {err}")
+    return caches
 
 
 def parse_with_smoke(parser: argparse.ArgumentParser, argv: list[str] | None, smoke: dict) -> argparse.Namespace:

@@ -42,8 +42,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ints, markdown, names, parse_with_smoke  # noqa: E402
-from quality import DTYPES, TINY, _custom, load_model  # noqa: E402
+from _common import build_caches, ints, markdown, names, parse_with_smoke, preset_fields  # noqa: E402
+from quality import DTYPES, TINY, load_model  # noqa: E402
 
 import nqcompile  # noqa: E402
 from nqcompile.cache.layer import NexusLayer  # noqa: E402
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device the model runs on (default: cpu)")
     p.add_argument("--presets", type=names, default="quant_only",
                    help="comma-separated preset names (default: quant_only)")
-    p.add_argument("--custom", type=_custom, default={},
+    p.add_argument("--custom", type=preset_fields, default={},
                    help='more caches as JSON, {"name": {Preset fields}}, run after --presets (default: none)')
     p.add_argument("--genres", type=names, default=",".join(GENRES),
                    help=f"comma-separated genres of nqcompile.eval.GENRES (default: {','.join(GENRES)})")
@@ -134,14 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--genres {','.join(args.genres)!r}: choose among {list(GENRES)}")
     if args.windows < 1 or min(args.prefix, args.continuation) < 1:
         p.error("--windows, --prefix and --continuation must be positive")
-    caches = {name: nqcompile.PRESETS[name] for name in args.presets}
-    for name, fields in args.custom.items():
-        if name in caches or name == "exact":
-            p.error(f"--custom name {name!r} is taken; choose another")
-        try:
-            caches[name] = nqcompile.Preset(name=name, **fields)
-        except (TypeError, ValueError) as err:
-            p.error(f"--custom {name!r}: {err}")
+    caches = build_caches(p, args.presets, args.custom, "exact")
     if not caches:
         p.error("no cache to measure: give --presets or --custom")
     args.caches = caches
@@ -181,6 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    try:
+        records, description = measure(args)
+    finally:
+        torch.set_num_threads(threads)
+    print()
+    print(tables(records, args))
+    print(f"\ncommand: {args.command}")
+    print(f"model: {description}, {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {args.threads or threads} threads; {args.windows} window(s) per genre x "
+          f"({args.prefix} + {args.continuation}) tokens, seed {args.seed}; {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        _write(args, records)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """Every window through the exact cache, each cache and (``--per-layer``) each one-layer cache: the per-window
+    records that ``--out`` writes, and the model's description."""
     model, tokenizer, description = load_model(args.model, args)
     model = nqcompile.optimize(model, preset=next(iter(args.caches.values())))
     windows = [(g, w) for g in args.genres
@@ -219,17 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             _write(args, records)
     bar.close()
-    torch.set_num_threads(threads)
-    print()
-    print(tables(records, args))
-    print(f"\ncommand: {args.command}")
-    print(f"model: {description}, {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {args.threads or threads} threads; {args.windows} window(s) per genre x "
-          f"({args.prefix} + {args.continuation}) tokens, seed {args.seed}; {time.perf_counter() - t0:.0f} s")
-    if args.out:
-        _write(args, records)
-        print(f"wrote {args.out}")
-    return 0
+    return records, description
 
 
 def tables(records: list[dict], args: argparse.Namespace) -> str:

@@ -40,7 +40,7 @@ import transformers
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import failure, ints, markdown, names, parse_with_smoke  # noqa: E402
+from _common import build_caches, failure, ints, markdown, names, parse_with_smoke, preset_fields  # noqa: E402
 
 import nqcompile  # noqa: E402
 from nqcompile.eval import (GENRES, bootstrap_ci, loglik_change, needle_recall, perplexity,  # noqa: E402
@@ -69,16 +69,6 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in names(text)]
 
 
-def _custom(text: str) -> dict:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'not JSON ({err}); expected {{"name": {{"key_bits": 4, ...}}}}') from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise argparse.ArgumentTypeError('expected {"name": {Preset fields}, ...}')
-    return data
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's argument parser (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""))
@@ -89,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device the models run on (default: cpu)")
     p.add_argument("--presets", type=names, default=",".join(nqcompile.PRESETS),
                    help="comma-separated preset names; '' runs the baseline only (default: all)")
-    p.add_argument("--custom", type=_custom, default={},
+    p.add_argument("--custom", type=preset_fields, default={},
                    help='more caches as JSON, {"name": {Preset fields}}: run after --presets (ablations; default: none)')
     p.add_argument("--compress-layers", choices=("all", "global_only"), default=None,
                    help="set every preset's compress_layers (global_only: sliding-window layers stay transformers' "
@@ -133,14 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--needle-depths must lie in [0, 1]")
     if args.windows < 0 or min(args.prefix, args.continuation, *args.needle_lengths) < 1:
         p.error("--windows must be >= 0; --prefix, --continuation and --needle-lengths positive")
-    caches = {name: nqcompile.PRESETS[name] for name in args.presets}
-    for name, fields in args.custom.items():
-        if name in caches or name == BASELINE:
-            p.error(f"--custom name {name!r} is taken; choose another")
-        try:
-            caches[name] = nqcompile.Preset(name=name, **fields)
-        except (TypeError, ValueError) as err:
-            p.error(f"--custom {name!r}: {err}")
+    caches = build_caches(p, args.presets, args.custom, BASELINE)
     if args.compress_layers:
         caches = {name: preset.replace(compress_layers=args.compress_layers) for name, preset in caches.items()}
     args.caches = caches
