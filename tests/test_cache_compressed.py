@@ -264,6 +264,34 @@ def test_layers_whose_attention_kl_is_below_relax_key_kl_store_keys_one_bit_lowe
     assert "3 bits: 2" in str(report)
 
 
+@pytest.mark.parametrize("opts", [SMALL, RECON], ids=["quant_only", "reconstruction"])
+def test_the_key_trial_measures_the_last_trial_queries_queries(opts, monkeypatch):
+    """The trial's KL is taken over the chunk's last ``trial_queries`` queries (all of them when the chunk is
+    shorter), also when a reconstruction preset holds the chunk back until its re-reading."""
+    from nqcompile.cache import compress
+
+    seen = []
+    measure = compress.trial_key_kl
+    monkeypatch.setattr(compress, "trial_key_kl", lambda query, *a, window, **kw: seen.append(
+        (query.shape[2], window)) or measure(query, *a, window=window, **kw))
+    model = tiny_model("llama")
+    preset = "balanced" if opts is RECON else "quant_only"
+    nqcompile.optimize(model, preset, **opts)
+    ids = torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(19))
+
+    def kls(n):
+        cache = nqcompile.NexusCache(model.config, preset, **dict(opts, relax_key_kl=1e9, trial_queries=n))
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        return [layer.key_kl for layer in cache.layers]
+
+    every = kls(150)
+    assert kls(1000) == every  # past the chunk's length: every query either way
+    fewer = kls(8)
+    assert all(a != b for a, b in zip(fewer, every))
+    assert {w for _, w in seen} == {150, 1000, 8} and all(q >= min(w, 150) for q, w in seen)
+
+
 def test_a_short_turn_keeps_the_warm_tier_full():
     """A 5-token turn adds 5 tokens to the tier and pushes its 5 oldest into codes; the tier keeps the newest 32."""
     model = tiny_model("llama")

@@ -34,6 +34,8 @@ def test_unknown_preset_and_bits():
         nqcompile.get_preset("balanced", keybits=3)
     with pytest.raises(ValueError, match="one bit below key_bits=2"):
         nqcompile.get_preset("max", relax_key_kl=0.01)
+    with pytest.raises(ValueError, match="trial_queries=0 must be >= 1"):
+        nqcompile.get_preset("quant_only", trial_queries=0)
     with pytest.raises(ValueError, match="layer_budget='pyramid' cannot apply"):
         nqcompile.get_preset("balanced", scorer="reconstruction", layer_budget="pyramid")
     with pytest.raises(ValueError, match="warm_bits=3 is below key_bits=4"):

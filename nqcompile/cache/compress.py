@@ -147,7 +147,7 @@ def compress_chunk(st: LayerStorage, policy: ChunkPolicy, query: torch.Tensor | 
 
 def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, pv, ppos, coded, qtime, key_time, key_valid,
                    scaling) -> float | None:
-    """Store keys at ``key_bits - 1`` if that moves the observation queries' attention by less than
+    """Store keys at ``key_bits - 1`` if that moves the last ``trial_queries`` queries' attention by less than
     ``relax_key_kl`` (:func:`~nqcompile.policy.key_bits.trial_key_kl` over
     :meth:`~nqcompile.cache.storage.LayerStorage.round_trip_keys`; ``coded``: the tokens that become codes)
     in every sequence that codes at least ``MIN_TRIAL_TOKENS`` tokens; with none, the layer keeps its bits.
@@ -161,7 +161,7 @@ def relax_key_bits(st: LayerStorage, preset: Preset, query, pk, pv, ppos, coded,
     c = st.codec
     trial = st.round_trip_keys(pk, pv, ppos, c.key_bits - 1)
     kl = trial_key_kl(query, pk, trial, coded, query_time=qtime, key_time=key_time, key_valid=key_valid,
-                      window=preset.observation_window, scaling=scaling)
+                      window=preset.trial_queries, scaling=scaling)
     key_kl = float(kl[measured].max())
     if key_kl < preset.relax_key_kl:
         st.set_key_bits(c.key_bits - 1)  # nothing is coded or warm before the first chunk ends

@@ -321,8 +321,8 @@ class NexusLayer(CacheLayerMixin):
         if self.policy.evicting and self.policy.scorer is None \
                 and int(real.sum(1).max()) >= self.preset.min_evict_tokens:
             # Held exactly until NexusCache.reconstruct() has re-read the chunk; the relax trial needs only
-            # the last observation_window queries.
-            tail = query[:, :, -self.preset.observation_window:] if self.policy.relaxable else None
+            # the last trial_queries queries.
+            tail = query[:, :, -self.preset.trial_queries:] if self.policy.relaxable else None
             self.deferred = Deferred(tail, key, value, real, positions, scaling)
             self._recon_scores = None
             return out

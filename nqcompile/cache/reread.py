@@ -25,7 +25,7 @@ class Deferred(NamedTuple):
     """A prefill chunk held exactly until its re-reading.
 
     Attributes:
-        query_tail: ``[B, Hq, w, D]`` the chunk's last ``observation_window`` queries (the key-bit trial of a
+        query_tail: ``[B, Hq, w, D]`` the chunk's last ``trial_queries`` queries (the key-bit trial of a
             first chunk), or None.
         key, value: ``[B, H, L, D]`` post-RoPE, model dtype. real: ``[B, L]`` bool, False for padding.
         positions: ``[B, L]`` int64. scaling: softmax scale.
