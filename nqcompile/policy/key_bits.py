@@ -1,17 +1,16 @@
 """Attention-aware key bits: a layer whose attention barely moves when its keys lose a bit stores them so.
 
-Measured on SmolLM2-135M (README, Results): the perplexity cost of 3-bit keys concentrates in a few layers,
-and the layers whose queries' attention changes least under 3-bit keys can store them at 3 bits at almost no
-cost. At the end of the first prefill chunk a layer codes its keys one bit lower as a trial
+Measured on SmolLM2-135M (README, Results): the perplexity cost of 3-bit keys concentrates in a few layers, and
+the layers whose queries' attention changes least under 3-bit keys can store them at 3 bits at almost no cost. At
+the end of the first prefill chunk a layer codes its keys one bit lower as a trial
 (:meth:`nqcompile.cache.storage.LayerStorage.round_trip_keys`), measures the KL divergence between the attention
 of the chunk's last ``trial_queries`` queries over the exact keys and over the trial keys, and stores its keys at
 the lower width when that divergence is below the preset's ``relax_key_kl``. With the 32 queries of SnapKV's
 observation window the trial relaxed a layer whose later queries need its keys (layer 18 of SmolLM2 on source
 code); 256 queries rank it among the layers kept at 4 bits (``benchmarks/README.md``, "Why technical text and code
-cost more than prose"). Like the observation scorer
-(SnapKV, Li et al. 2024, arXiv:2404.14469), it uses the chunk's own queries: no extra forward. KVTuner (Li
-et al. 2025, arXiv:2502.04420) chooses key/value bits per layer from attention sensitivity offline, per model;
-here the choice is made online, per prompt.
+cost more than prose"). Like the observation scorer (SnapKV, Li et al. 2024, arXiv:2404.14469), it uses the
+chunk's own queries: no extra forward. KVTuner (Li et al. 2025, arXiv:2502.04420) chooses key/value bits per layer
+from attention sensitivity offline, per model; here the choice is made online, per prompt.
 """
 
 from __future__ import annotations
