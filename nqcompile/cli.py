@@ -279,7 +279,7 @@ def _generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, DynamicCache
 
     import nqcompile
-    from nqcompile.eval.perplexity import ppl_change_percent, tokenize_text
+    from nqcompile.eval.perplexity import loglik_change, ppl_change_percent, tokenize_text
     from nqcompile.models import load_pretrained, model_path
 
     if args.threads is not None:
@@ -350,12 +350,15 @@ def _generate(args: argparse.Namespace) -> int:
     if held:
         exact_nll, comp_nll = runs["uncompressed"]["held_nll"], runs["compressed"]["held_nll"]
         change = ppl_change_percent(comp_nll, exact_nll, runs["compressed"]["held_tokens"])
+        nats = loglik_change(comp_nll, exact_nll, runs["compressed"]["held_tokens"])
         quality = {"held_tokens": held, "perplexity_uncompressed": runs["uncompressed"]["perplexity"],
-                   "perplexity_compressed": runs["compressed"]["perplexity"], "change_percent": change}
+                   "perplexity_compressed": runs["compressed"]["perplexity"], "change_percent": change,
+                   "loglik_change_nats": nats}
         print(f"\n--- quality: perplexity of the {held} held-out tokens that follow the prompt ---")
         print("(each cache as its prefill left it; the held-out tokens are fed as decode steps and scored)")
         print(f"{'uncompressed (DynamicCache)':<30} perplexity {quality['perplexity_uncompressed']:.3f}")
-        print(f"{f'compressed ({args.preset})':<30} perplexity {quality['perplexity_compressed']:.3f} ({change:+.2f}%)")
+        print(f"{f'compressed ({args.preset})':<30} perplexity {quality['perplexity_compressed']:.3f} ({change:+.2f}%; "
+              f"log-likelihood {nats:+.4f} nats per token)")
 
     total_s = time.perf_counter() - started
     print(f"\ntotal: {total_s:.0f} s")

@@ -2,6 +2,7 @@
 imports no torch, and generate's figures on a tiny model."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -173,7 +174,8 @@ def test_generate_prints_and_writes_the_figures(tmp_path, tiny_folder, capsys):
                    "tokens in", "generate 6 tokens in", "tokens/s", "compressed (balanced)", "re-reading",
                    "perplexity of the 40 held-out tokens", f"written to {figures}"):
         assert needle in out, out
-    assert re.search(r"\ncompressed \(balanced\) +perplexity [\d.]+ \([+-][\d.]+%\)\n", out), out
+    assert re.search(r"\ncompressed \(balanced\) +perplexity [\d.]+ \([+-][\d.]+%; log-likelihood [+-][\d.]+ nats per token\)\n",
+                     out), out
     data = json.loads(figures.read_text())
     assert data["threads"] == 1 and data["prompt_tokens"] == 660 and data["preset"]["name"] == "balanced"
     for run in ("compressed", "uncompressed"):
@@ -183,6 +185,8 @@ def test_generate_prints_and_writes_the_figures(tmp_path, tiny_folder, capsys):
     assert data["memory"]["compression_ratio"] > 1 and data["memory"]["logical_tokens"] == 660 + 5  # the last new token is not fed
     assert data["quality"]["change_percent"] == pytest.approx(
         100 * (data["quality"]["perplexity_compressed"] / data["quality"]["perplexity_uncompressed"] - 1))
+    assert data["quality"]["loglik_change_nats"] == pytest.approx(
+        math.log(data["quality"]["perplexity_uncompressed"] / data["quality"]["perplexity_compressed"]))
 
 
 def test_generate_explains_a_ratio_below_one(tmp_path, tiny_folder, capsys):
