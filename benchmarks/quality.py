@@ -17,9 +17,13 @@ For each model of ``--models`` (SmolLM2-135M-Instruct and Gemma 3 270M, converte
 
 Prints a markdown table (one row per cache; per model, a column per genre, overall, byte ratio and needle length) and
 the command line it was run with; ``--out`` writes everything as JSON, after every cache. A cache that fails (a preset
-a model's config refuses, say) is recorded with its error, and the exit status is then 1.
+a model's config refuses, say) is recorded with its error, and the exit status is then 1. With ``--jobs N`` up to N
+models run at once, each in its own process with ``--threads`` threads; each process writes its model's results,
+after every cache, beside ``--out`` (``quality.smollm2.json`` for ``--out quality.json``), and the whole run goes to
+``--out`` at the end.
 
     python benchmarks/quality.py --threads 2 --out out/quality.json
+    python benchmarks/quality.py --jobs 2 --threads 1 --windows 3 --out out/quality.json   # the two models at once
     python benchmarks/quality.py --models smollm2 --presets '' --custom '{"k4v2": {"key_bits": 4, "value_bits": 2}}' --needle-lengths ''
     python benchmarks/quality.py --smoke      # two tiny random models (Llama, Gemma 3), a minute on a CPU
 """
@@ -28,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the window draw, the needles, the bootstrap and the --smoke models (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here (default: only print the table)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (of each process with --jobs; default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models evaluated at once, each in its own process (default: 1: one after the other)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random models instead of the real ones: " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                                    for k, v in SMOKE.items()))
@@ -121,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--models is empty")
     if any(not 0 <= d <= 1 for d in args.needle_depths):
         p.error("--needle-depths must lie in [0, 1]")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be >= 1")
     if args.windows < 0 or min(args.prefix, args.continuation, *args.needle_lengths) < 1:
         p.error("--windows must be >= 0; --prefix, --continuation and --needle-lengths positive")
     caches = build_caches(p, args.presets, args.custom, BASELINE)
@@ -316,6 +327,37 @@ def _write(args: argparse.Namespace, results: dict) -> None:
     args.out.write_text(json.dumps({"meta": _meta(args), "results": results}, indent=1, default=float))
 
 
+def model_out(out: Path, name: str) -> Path:
+    """Where a ``--jobs`` process writes model ``name``'s results as it goes: beside ``out``, the model's name
+    (made a valid file name) before the suffix."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+    return out.with_name(f"{out.stem}.{safe}{out.suffix}")
+
+
+def _evaluate_alone(name: str, args: argparse.Namespace) -> dict:
+    """``--jobs``: one model in a process of its own (``args.threads`` threads), writing its results beside
+    ``--out``; returns ``results[name]``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    own = argparse.Namespace(**{**vars(args), "out": args.out and model_out(args.out, name)})
+    results: dict = {}
+    evaluate_model(name, own, results)
+    return results[name]
+
+
+def evaluate_models(args: argparse.Namespace) -> dict:
+    """Every model of ``--models``: one after the other in this process, or with ``--jobs`` in that many processes
+    at once (``spawn``); ``{model: results}`` in ``--models`` order."""
+    jobs = min(args.jobs, len(args.models))
+    if jobs == 1:
+        results: dict = {}
+        for name in args.models:
+            evaluate_model(name, args, results)
+        return results
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(args.models, pool.map(_evaluate_alone, args.models, [args] * len(args.models))))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the table and the command line. Returns the exit status (1 if a cache failed)."""
     args = parse_args(argv)
@@ -323,10 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    results: dict = {}
     try:
-        for name in args.models:
-            evaluate_model(name, args, results)
+        results = evaluate_models(args)
     finally:
         torch.set_num_threads(threads)
     print()
@@ -336,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
           "change of mean log-likelihood in nats per token (negative: worse); the exact row gives the perplexity.")
     print(f"command: {args.command}")
     models = "; ".join(f"{name}: {r['description']}, {r['seconds']:.0f} s" for name, r in results.items())
+    jobs = min(args.jobs, len(args.models))
     print(f"models: {models}; {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {args.threads or threads} threads; windows: {args.windows} per genre x "
-          f"({args.prefix} + {args.continuation}) tokens, seed {args.seed}; total {time.perf_counter() - t0:.0f} s")
+          f"{transformers.__version__}, {args.threads or threads} threads" + (f" in each of {jobs} processes" if jobs > 1
+                                                                             else "")
+          + f"; windows: {args.windows} per genre x ({args.prefix} + {args.continuation}) tokens, seed {args.seed}; "
+          f"total {time.perf_counter() - t0:.0f} s")
     if args.out:
         _write(args, results)
         print(f"wrote {args.out}")

@@ -7,6 +7,9 @@ import importlib.util
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,7 @@ def test_a_failed_cache_is_recorded_and_fails_the_run(bench, tmp_path, monkeypat
     (["--custom", '{"exact": {}}'], "taken"),
     (["--custom", '{"k9": {"key_bits": 9}}'], "key_bits"),
     (["--models", ""], "--models is empty"),
+    (["--jobs", "0"], "--jobs 0"),
 ])
 def test_bad_arguments_are_usage_errors(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -144,3 +148,26 @@ def test_compress_layers_overrides_every_preset_and_custom_cache(bench):
                              "--compress-layers", "global_only"])
     assert {n: p.compress_layers for n, p in args.caches.items()} == {"quant_only": "global_only", "k4": "global_only"}
     assert bench.parse_args(["--presets", "quant_only"]).caches["quant_only"].compress_layers == "all"
+
+
+def test_jobs_run_the_models_in_their_own_processes_and_give_the_same_results(smoke, tmp_path):
+    """``--jobs 2`` as a user runs it (the script, two spawned processes, one thread each): the same windows, NLLs and
+    needles as the in-process run, each model's results also written beside ``--out`` as it went."""
+    data, _, args = smoke
+    out = tmp_path / "quality.json"
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_WAIT_POLICY="PASSIVE")
+    run = subprocess.run([sys.executable, str(_SCRIPT), "--smoke", "--jobs", "2", "--threads", "1", "--windows", "1",
+                          "--needle-depths", "0.5", "--out", str(out)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert "1 threads in each of 2 processes" in run.stdout
+    jobs = json.loads(out.read_text())["results"]
+    assert list(jobs) == list(data["results"])
+    for model, record in jobs.items():
+        partial = json.loads((tmp_path / f"quality.{model}.json").read_text())["results"][model]
+        assert partial["caches"] == record["caches"]
+        for cache, entry in record["caches"].items():
+            ref = data["results"][model]["caches"][cache]
+            assert [w["nll_sum"] for w in entry["windows"]] == pytest.approx([w["nll_sum"] for w in ref["windows"]],
+                                                                           rel=1e-5)
+            assert [t["output"] for t in entry["needle"]["trials"]] == [t["output"] for t in ref["needle"]["trials"]]
