@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--needle-depths must lie in [0, 1]")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: must be >= 1")
+    args.jobs = min(args.jobs, len(args.models))  # the processes a run can use
     if args.windows < 0 or min(args.prefix, args.continuation, *args.needle_lengths) < 1:
         p.error("--windows must be >= 0; --prefix, --continuation and --needle-lengths positive")
     caches = build_caches(p, args.presets, args.custom, BASELINE)
@@ -348,13 +349,12 @@ def _evaluate_alone(name: str, args: argparse.Namespace) -> dict:
 def evaluate_models(args: argparse.Namespace) -> dict:
     """Every model of ``--models``: one after the other in this process, or with ``--jobs`` in that many processes
     at once (``spawn``); ``{model: results}`` in ``--models`` order."""
-    jobs = min(args.jobs, len(args.models))
-    if jobs == 1:
+    if args.jobs == 1:
         results: dict = {}
         for name in args.models:
             evaluate_model(name, args, results)
         return results
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         return dict(zip(args.models, pool.map(_evaluate_alone, args.models, [args] * len(args.models))))
 
 
@@ -376,12 +376,10 @@ def main(argv: list[str] | None = None) -> int:
           "change of mean log-likelihood in nats per token (negative: worse); the exact row gives the perplexity.")
     print(f"command: {args.command}")
     models = "; ".join(f"{name}: {r['description']}, {r['seconds']:.0f} s" for name, r in results.items())
-    jobs = min(args.jobs, len(args.models))
+    processes = f" in each of {args.jobs} processes" if args.jobs > 1 else ""
     print(f"models: {models}; {args.dtype} on {args.device}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {args.threads or threads} threads" + (f" in each of {jobs} processes" if jobs > 1
-                                                                             else "")
-          + f"; windows: {args.windows} per genre x ({args.prefix} + {args.continuation}) tokens, seed {args.seed}; "
-          f"total {time.perf_counter() - t0:.0f} s")
+          f"{transformers.__version__}, {args.threads or threads} threads{processes}; windows: {args.windows} per genre "
+          f"x ({args.prefix} + {args.continuation}) tokens, seed {args.seed}; total {time.perf_counter() - t0:.0f} s")
     if args.out:
         _write(args, results)
         print(f"wrote {args.out}")
