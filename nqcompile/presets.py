@@ -105,7 +105,7 @@ class Preset:
         warm_tokens: size of the warm tier, a multiple of 16 (0: none): the most recent compressed tokens
             are held at ``warm_bits`` for keys and values; when the tier overflows, its oldest tokens are
             decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
-            tokens carry most of the attention, so their precision is worth more bytes (README, Results).
+            tokens carry most of the attention, so their precision is worth more bytes (README, Presets).
         warm_bits: bits per element of the warm tier's keys and values, one the codec offers, at least ``key_bits``
             and ``value_bits``.
         relax_key_kl: attention-aware key bits (:mod:`nqcompile.policy.key_bits`): at the first prefill chunk
@@ -288,9 +288,9 @@ def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:
 
 PRESETS: dict[str, Preset] = {
     # 6 bits per key/value pair spent as 4 + 2: the same perplexity as 3 + 3 (benchmarks/kv_ablation.py), and
-    # 4-bit keys kept every needle in the full protocol where 3-bit keys lost some. The 256 newest compressed
+    # 4-bit keys kept every needle of SmolLM2's in the protocol where 3-bit keys lost some. The 256 newest compressed
     # tokens stay at 4 bits (recent tokens draw most of the attention), paid for by 3-bit keys in the layers
-    # whose attention barely moves with them (README, Results): a KL below 0.03 over the first chunk's last 256
+    # whose attention barely moves with them (README, Presets): a KL below 0.03 over the first chunk's last 256
     # queries (32 queries let a costly layer through on source code: benchmarks/README.md, genre_cost.py).
     "quant_only": Preset(name="quant_only", key_bits=4, value_bits=2, key_norm="mean", warm_tokens=256,
                          relax_key_kl=0.03),
@@ -298,7 +298,7 @@ PRESETS: dict[str, Preset] = {
     "asym": Preset(name="asym", key_bits=3, value_bits=2, warm_tokens=256),
     # Evicting presets rank tokens by KVzip's reconstruction scores (the model re-reads each prefill chunk):
     # query-agnostic, one budget shared among layers. 4-bit keys where the attention needs them: 3-bit keys
-    # drop repeated digits of a needle (README, Results). balanced evicts 0.64 at most: it keeps the tokens
+    # drop repeated digits of a needle (benchmarks/README.md). balanced evicts 0.64 at most: it keeps the tokens
     # carrying 97% of the scores' mass where 36% do not (Gemma 3's three global layers; on SmolLM2 36% carry
     # about 98%, so 0.64 holds there: benchmarks/README.md, "Why balanced collapsed on Gemma-3-270M").
     "balanced": Preset(name="balanced", key_bits=4, value_bits=2, key_norm="mean", relax_key_kl=0.03,

@@ -1,6 +1,6 @@
 """Attention-aware key bits: a layer whose attention barely moves when its keys lose a bit stores them so.
 
-Measured on SmolLM2-135M (README, Results): the perplexity cost of 3-bit keys concentrates in a few layers, and
+Measured on SmolLM2-135M (README, Presets): the perplexity cost of 3-bit keys concentrates in a few layers, and
 the layers whose queries' attention changes least under 3-bit keys can store them at 3 bits at almost no cost. At
 the end of the first prefill chunk a layer codes its keys one bit lower as a trial
 (:meth:`nqcompile.cache.storage.LayerStorage.round_trip_keys`), measures the KL divergence between the attention
