@@ -25,7 +25,7 @@ Everything a compressed layer allocates (:meth:`Preset.layer_bytes`), for batch 
 a code capacity of ``C`` tokens per sequence (a multiple of 16)::
 
     B * H * C * bytes_per_token                      codes, scales, positions
-    + B * H * (sink_tokens + recent_window) * 2 * head_dim * itemsize   exact sinks and window
+    + B * H * (sink_tokens + recent_window) * 2 * head_dim * window_itemsize   sinks and window, uncompressed
     + B * recent_window * 8                          window positions (int64)
     + B * H * warm_tokens * (2 * bytes_per_vector(warm_bits, head_dim) + 2 + position_bytes)   warm tier
                                                      codes, scales, positions; only in layers whose bits are
@@ -34,10 +34,10 @@ a code capacity of ``C`` tokens per sequence (a multiple of 16)::
     + 4 * B * H * head_dim * 4                       per-channel key and value mean and scale (float32)
     + rotary_dim / 2 * 4                             RoPE inverse frequencies (float32)
 
-(the ``head_dim x head_dim`` float32 Hadamard matrix is built once per process and shared by every cache:
-``CacheMemoryReport.shared_bytes``, not in a cache's bytes). With
-``relax_key_kl``, ``key_bits`` is the width each layer chose at the first chunk
-(``CacheMemoryReport.layer_key_bits``).
+with ``window_itemsize`` 2 under ``window_dtype="16bit"`` and the model dtype's itemsize under ``"model"`` (the
+``head_dim x head_dim`` float32 Hadamard matrix is built once per process and shared by every cache:
+``CacheMemoryReport.shared_bytes``, not in a cache's bytes). With ``relax_key_kl``, ``key_bits`` is the width each
+layer chose at the first chunk (``CacheMemoryReport.layer_key_bits``).
 """
 
 from __future__ import annotations
@@ -46,15 +46,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .codec.kv import NORMS, VALUE_NORMS
 from .codec.registry import CODECS
 from .ops.layout import BLOCK_TOKENS
 from .policy.registry import SCORERS
 
-__all__ = ["Preset", "PRESETS", "get_preset", "LAYER_BUDGETS"]
+__all__ = ["Preset", "PRESETS", "get_preset", "LAYER_BUDGETS", "WINDOW_DTYPES"]
 
 #: How the eviction budget is spread over layers.
 LAYER_BUDGETS = ("uniform", "pyramid")
+#: How a quantized layer holds its uncompressed sinks and recent window (``Preset.window_dtype``).
+WINDOW_DTYPES = ("16bit", "model")
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,14 @@ class Preset:
             the recent window it pushes out) drops the very words the answer depends on.
         pooling_kernel: odd max-pooling width over token scores (SnapKV keeps neighbours of hot tokens); 1 disables.
         sink_tokens: first tokens of each sequence kept exact and never evicted (StreamingLLM attention sinks).
-        recent_window: most recent tokens kept exact in the model's dtype; a multiple of 16 (the block size).
-            Decode tokens enter here and are flushed into codes 16 at a time.
+        recent_window: most recent tokens kept uncompressed (in ``window_dtype``); a multiple of 16 (the block
+            size). Decode tokens enter here and are flushed into codes 16 at a time.
+        window_dtype: how a quantized layer holds its sinks and recent window: ``"16bit"`` in the model's dtype
+            when that has 16 bits (bfloat16, float16) and in bfloat16 when the model computes in float32 or float64
+            (what transformers' bf16 cache holds, against which every ratio is reported; their rounding error is
+            about 1/256 of a value's magnitude against 1/16 to 1/4 for the codes); ``"model"`` in the model's
+            dtype whatever it is. Exact layers (``key_bits=None``, exact boundary layers) always keep the model's
+            dtype.
         warm_tokens: size of the warm tier, a multiple of 16 (0: none): the most recent compressed tokens
             are held at ``warm_bits`` for keys and values; when the tier overflows, its oldest tokens are
             decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
@@ -147,6 +157,7 @@ class Preset:
     pooling_kernel: int = 7
     sink_tokens: int = 4
     recent_window: int = 32
+    window_dtype: str = "16bit"
     warm_tokens: int = 0
     warm_bits: int = 4
     relax_key_kl: float = 0.0
@@ -184,6 +195,7 @@ class Preset:
             raise ValueError(f"keep_mass={self.keep_mass} needs scores that are attention probabilities shared among "
                              f"the layers (scorer='reconstruction'); scorer={self.scorer!r} has none, use keep_mass=0")
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
+        _choice("window_dtype", self.window_dtype, WINDOW_DTYPES)
         if not 0.0 <= float(self.eviction_ratio) < 1.0:
             raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")
         if self.recent_window < BLOCK_TOKENS or self.recent_window % BLOCK_TOKENS:
@@ -266,13 +278,25 @@ class Preset:
         """
         preset = self if evicting is None else self.replace(eviction_ratio=0.5 if evicting else 0.0)
         per_token = preset.bytes_per_token(head_dim, bits=bits, position_bytes=position_bytes, exact_itemsize=itemsize)
-        exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * itemsize
+        window_itemsize = 2 if self._window_in_bf16(itemsize, bits) else itemsize
+        exact = batch * kv_heads * (self.sink_tokens + self.recent_window) * 2 * head_dim * window_itemsize
         warm_tokens = self.warm_tokens_for(bits)
         warm_row = 2 * CODECS[self.codec].bytes_per_vector(self.warm_bits, head_dim) + 2 + position_bytes \
             if warm_tokens else 0
         warm = batch * kv_heads * warm_tokens * warm_row
         return (batch * kv_heads * capacity * per_token + exact + warm + batch * self.recent_window * 8
                 + 5 * batch * 8 + 4 * batch * kv_heads * head_dim * 4 + rotary_dim // 2 * 4)
+
+    def window_dtype_for(self, model_dtype: torch.dtype, bits: tuple[int | None, int | None] | None = None
+                         ) -> torch.dtype:
+        """dtype of the sinks and recent window of a layer stored at ``bits`` (default: the preset's) in a model
+        computing in ``model_dtype``: bfloat16 for a quantized layer of a float32 or float64 model under
+        ``window_dtype="16bit"``, else ``model_dtype``."""
+        return torch.bfloat16 if self._window_in_bf16(model_dtype.itemsize, bits) else model_dtype
+
+    def _window_in_bf16(self, itemsize: int, bits: tuple[int | None, int | None] | None) -> bool:
+        key_bits = bits[0] if bits is not None else self.key_bits
+        return key_bits is not None and self.window_dtype == "16bit" and itemsize > 2
 
     def warm_tokens_for(self, bits: tuple[int | None, int | None] | None = None) -> int:
         """Warm tier size in tokens of a layer stored at ``bits`` (default: the preset's): ``warm_tokens`` if the

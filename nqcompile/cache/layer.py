@@ -165,7 +165,8 @@ class NexusLayer(CacheLayerMixin):
         self.deferred = self._recon_scores = None
         if self.is_initialized:
             st = self.storage
-            self.lazy_initialization(st.sink_k, st.sink_v)
+            like = torch.empty(st.batch, st.heads, 0, st.head_dim, dtype=st.dtype, device=st.device)
+            self.lazy_initialization(like, like)
         self._length = torch.zeros((), dtype=torch.int64, device=self._length.device)
         self._host_length = self.chunks = 0
 

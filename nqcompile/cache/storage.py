@@ -2,12 +2,16 @@
 
 Per sequence of the batch a layer holds, in time order:
 
-* ``sink_tokens`` attention sinks, exact, in the model's dtype (``sink_k``, ``sink_v``, ``sink_len``);
+* ``sink_tokens`` attention sinks, uncompressed in ``window_dtype`` (``sink_k``, ``sink_v``, ``sink_len``);
 * the compressed past: packed codes, one-byte scales and (when the layer evicts) positions, in buffers of
   static capacity laid out as :mod:`nqcompile.ops.layout` documents (``k_codes`` ... ``code_len``);
 * optionally a warm tier of the ``warm_cap`` newest compressed tokens, coded at ``warm_bits``
   (``warm_k_codes`` ... ``warm_pos``, ``warm_len``);
-* a recent window of ``recent_window`` exact tokens (``win_k``, ``win_v``) with their positions.
+* a recent window of ``recent_window`` uncompressed tokens in ``window_dtype`` (``win_k``, ``win_v``) with their
+  positions.
+
+``window_dtype`` is :meth:`Preset.window_dtype_for <nqcompile.presets.Preset.window_dtype_for>`: bfloat16 in a
+quantized layer of a float32 model (by default), else the model's dtype.
 
 The tiers and the window flush (:mod:`.tiers`), the chunk-end compression (:mod:`.compress`) and the
 re-reading of deferred chunks (:mod:`.reread`) are functions over this object; the transformers face of the
@@ -84,7 +88,8 @@ class LayerStorage:
         store_positions: keep each coded token's position (a layer that evicts; otherwise positions are
             implicit, ``code_pos0 + slot``).
         rotary: the layer's RoPE.
-        batch, heads, head_dim: ``B``, KV heads ``H``, ``D``. dtype, device: the model's.
+        batch, heads, head_dim: ``B``, KV heads ``H``, ``D``. dtype, device: the model's (the sinks and window are
+            held in ``window_dtype``, :meth:`~nqcompile.presets.Preset.window_dtype_for`).
         position_dtype: ``torch.int16`` or ``torch.int32`` for stored positions.
 
     Every length is a device tensor; nothing here keeps a host copy, so a decode step never synchronizes.
@@ -95,7 +100,8 @@ class LayerStorage:
                  position_dtype: torch.dtype):
         self.preset, self.store_positions, self.position_dtype = preset, store_positions, position_dtype
         self.batch, self.heads, self.head_dim, self.dtype, self.device = batch, heads, head_dim, dtype, device
-        kw = dict(dtype=dtype, device=device)
+        self.window_dtype = preset.window_dtype_for(dtype, bits if bits is not None else (None, None))
+        kw = dict(dtype=self.window_dtype, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         s, r = preset.sink_tokens, preset.recent_window
         self.sink_k, self.sink_v = torch.zeros(batch, heads, s, head_dim, **kw), torch.zeros(batch, heads, s, head_dim, **kw)
@@ -262,8 +268,8 @@ class LayerStorage:
         hidx = index[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
         k = torch.where(keep[:, None, :, None], pk.gather(2, hidx), torch.zeros((), dtype=pk.dtype))
         v = torch.where(keep[:, None, :, None], pv.gather(2, hidx), torch.zeros((), dtype=pv.dtype))
-        setattr(self, f"{prefix}_k", k.contiguous())
-        setattr(self, f"{prefix}_v", v.contiguous())
+        setattr(self, f"{prefix}_k", k.to(self.window_dtype).contiguous())
+        setattr(self, f"{prefix}_v", v.to(self.window_dtype).contiguous())
         if ppos is not None:
             setattr(self, f"{prefix}_pos", torch.where(keep, ppos.gather(1, index), 0))
 

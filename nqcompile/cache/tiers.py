@@ -55,7 +55,10 @@ class WindowStream(NamedTuple):
 
 def window_stream(st: LayerStorage, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> WindowStream:
     """The window's tokens followed by ``key``/``value`` ``[B, H, q, D]`` at ``positions`` ``[B, q]``, and the
-    16-token blocks ``q`` decode steps flush from its front when it is full (static shapes: they depend on ``q``)."""
+    16-token blocks ``q`` decode steps flush from its front when it is full (static shapes: they depend on ``q``).
+
+    The new tokens are rounded to the window's dtype first, as each would be on entering the window one step at a
+    time: ``q`` steps at once attend to (and flush) exactly what ``q`` single steps would."""
     r_cap, q_len, dev = st.win_k.shape[2], key.shape[2], st.device
     old_len = st.win_len.clone()
     steps = torch.arange(q_len, device=dev)
@@ -64,6 +67,7 @@ def window_stream(st: LayerStorage, key: torch.Tensor, value: torch.Tensor, posi
     i = torch.arange(r_cap + q_len, device=dev)[None]
     src = torch.where(i < old_len[:, None], i, r_cap + i - old_len[:, None]).clamp(max=r_cap + q_len - 1)
     hsrc = src[:, None].expand(-1, st.heads, -1)
+    key, value = key.to(st.window_dtype), value.to(st.window_dtype)
     return WindowStream(old_len, flushed, flushed[:, -1], ops.gather_tokens(torch.cat([st.win_k, key], 2), hsrc),
                         ops.gather_tokens(torch.cat([st.win_v, value], 2), hsrc),
                         torch.cat([st.win_pos, positions.to(torch.int64)], 1).gather(1, src))
