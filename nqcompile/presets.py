@@ -108,10 +108,11 @@ class Preset:
             size). Decode tokens enter here and are flushed into codes 16 at a time.
         window_dtype: how a quantized layer holds its sinks and recent window: ``"16bit"`` in the model's dtype
             when that has 16 bits (bfloat16, float16) and in bfloat16 when the model computes in float32 or float64
-            (what transformers' bf16 cache holds, against which every ratio is reported; their rounding error is
-            about 1/256 of a value's magnitude against 1/16 to 1/4 for the codes); ``"model"`` in the model's
-            dtype whatever it is. Exact layers (``key_bits=None``, exact boundary layers) always keep the model's
-            dtype.
+            (what transformers' bf16 cache holds, against which every ratio is reported). Rounding to bfloat16
+            moves each element by at most 2**-9 of its magnitude, against a relative RMS error of 0.09 (4 bits) to
+            0.30 (2 bits) for the codes; a model whose attention hangs on the last bits of its newest keys still
+            pays for it (Gemma 3 270M, ``benchmarks/README.md``). ``"model"``: in the model's dtype whatever it
+            is. Exact layers (``key_bits=None``, exact boundary layers) always keep the model's dtype.
         warm_tokens: size of the warm tier, a multiple of 16 (0: none): the most recent compressed tokens
             are held at ``warm_bits`` for keys and values; when the tier overflows, its oldest tokens are
             decoded and re-encoded once at ``key_bits`` / ``value_bits`` into the compressed past. Recent
@@ -312,11 +313,12 @@ def _choice(fname: str, value: str, allowed: tuple[str, ...]) -> None:
 
 PRESETS: dict[str, Preset] = {
     # 6 bits per key/value pair spent as 4 + 2: the same perplexity as 3 + 3 (benchmarks/kv_ablation.py), and
-    # 4-bit keys kept every needle of SmolLM2's in the protocol where 3-bit keys lost some. The 256 newest compressed
-    # tokens stay at 4 bits (recent tokens draw most of the attention), paid for by 3-bit keys in the layers
-    # whose attention barely moves with them (README, Presets): a KL below 0.03 over the first chunk's last 256
-    # queries (32 queries let a costly layer through on source code: benchmarks/README.md, genre_cost.py).
-    "quant_only": Preset(name="quant_only", key_bits=4, value_bits=2, key_norm="mean", warm_tokens=256,
+    # 4-bit keys kept every needle of SmolLM2's in the protocol where 3-bit keys lost some. The 512 newest compressed
+    # tokens stay at 4 bits (recent tokens draw most of the attention; 512 instead of 256 since the window is held in
+    # 16 bits: benchmarks/README.md, "Sinks and window in 16 bits"), paid for by 3-bit keys in the layers whose
+    # attention barely moves with them (README, Presets): a KL below 0.03 over the first chunk's last 256 queries
+    # (32 queries let a costly layer through on source code: benchmarks/README.md, genre_cost.py).
+    "quant_only": Preset(name="quant_only", key_bits=4, value_bits=2, key_norm="mean", warm_tokens=512,
                          relax_key_kl=0.03),
     "high": Preset(name="high", key_bits=4, value_bits=3, key_norm="mean", warm_tokens=256),
     "asym": Preset(name="asym", key_bits=3, value_bits=2, warm_tokens=256),
@@ -324,9 +326,11 @@ PRESETS: dict[str, Preset] = {
     # query-agnostic, one budget shared among layers. 4-bit keys where the attention needs them: 3-bit keys
     # drop repeated digits of a needle (benchmarks/README.md). balanced evicts 0.64 at most: it keeps the tokens
     # carrying 97% of the scores' mass where 36% do not (Gemma 3's three global layers; on SmolLM2 36% carry
-    # about 98%, so 0.64 holds there: benchmarks/README.md, "Why balanced collapsed on Gemma-3-270M").
+    # about 98%, so 0.64 holds there: benchmarks/README.md, "Why balanced collapsed on Gemma-3-270M"). The 256 newest
+    # kept tokens stay at 4 bits, as in quant_only (benchmarks/README.md, "Sinks and window in 16 bits").
     "balanced": Preset(name="balanced", key_bits=4, value_bits=2, key_norm="mean", relax_key_kl=0.03,
-                       eviction_ratio=0.64, scorer="reconstruction", keep_mass=0.97, pooling_kernel=1),
+                       eviction_ratio=0.64, scorer="reconstruction", keep_mass=0.97, pooling_kernel=1,
+                       warm_tokens=256),
     "max": Preset(name="max", key_bits=2, value_bits=2, eviction_ratio=0.75, scorer="reconstruction",
                   pooling_kernel=1),
 }

@@ -377,10 +377,11 @@ def test_realistic_sizes_on_gpu(dim, group, key_bits, value_bits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["quant_only", "asym"])
+@pytest.mark.parametrize("preset", ["quant_only", "asym", "balanced"])
 def test_generation_on_gpu_runs_the_kernel_and_decodes_like_the_reference(preset, monkeypatch):
-    """A tiny Llama (GQA) decoding on CUDA through NexusCache: every decode step's attention takes the kernel, and
-    the logits match a run where the CUDA implementations are forced onto the torch reference."""
+    """A tiny float32 Llama (GQA) decoding on CUDA through NexusCache (its window in bf16, ``window_dtype``): every
+    decode step's attention takes the kernel, and the logits match a run where the CUDA implementations are forced
+    onto the torch reference."""
     import sys
 
     import nqcompile
