@@ -47,7 +47,8 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
         assert nqcompile.compress_kv_cache(src, config=model.config).preset.name == "asym"  # the default works
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, keep_mass=0,
-                                            relax_key_kl=0, recent_window=16, min_evict_tokens=0)
+                                            relax_key_kl=0, recent_window=16, min_evict_tokens=0,
+                                            warm_tokens=0)  # every kept token past the window in the codes
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
         assert cache.layers[0].storage.code_len.tolist()[0] == kept - 16
         out = model(prompt[:, :1], past_key_values=cache)  # the full window flushes one block first
@@ -77,7 +78,8 @@ def test_optimize_generate_sizes_the_cache_and_continues_a_conversation():
 def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
     """Through generate (left-padded batch, two turns) the hook re-reads every chunk long enough to evict from,
     and the result equals calling NexusCache.reconstruct after a plain forward."""
-    opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0)
+    # warm_tokens=0: every kept token past the window lands in the codes this test compares
+    opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0, warm_tokens=0)
     model = nqcompile.optimize(tiny_model("llama"), "balanced", **opts)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 256, (2, 150), generator=gen)
@@ -129,7 +131,9 @@ def test_generate_re_reads_for_a_model_whose_config_has_layer_types():
     """Qwen2 configs list layer_types, so generate hands a compileable cache's masks over as a dict per layer type;
     the re-reading hook reads the full-attention one."""
     # keep_mass=0: a random model's attention is spread, so 97% of its mass would keep nearly every token
-    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16, keep_mass=0)
+    # (warm_tokens=0: every kept token past the window lands in the codes)
+    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16, keep_mass=0,
+                               warm_tokens=0)
     ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(6))
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
