@@ -143,7 +143,8 @@ def window_case(args: argparse.Namespace, batch: int, generator: torch.Generator
 
     st = SimpleNamespace(win_k=tokens(WINDOW), win_v=tokens(WINDOW),
                          win_pos=torch.arange(WINDOW, device=dev).expand(batch, WINDOW).contiguous(),
-                         win_len=torch.full((batch,), WINDOW - 1, device=dev), heads=HEADS, device=torch.device(dev))
+                         win_len=torch.full((batch,), WINDOW - 1, device=dev), heads=HEADS, device=torch.device(dev),
+                         window_dtype=torch.bfloat16)
     return dict(st=st, key=tokens(1), value=tokens(1), positions=torch.full((batch, 1), WINDOW - 1, device=dev))
 
 
