@@ -1,5 +1,8 @@
 """Blockwise dequant_attention / dequant_attention_lse and their online-softmax engine against dense float64
-references (everything decoded, one softmax over all held tokens), with tiles forced tiny."""
+references (everything decoded, one softmax over all held tokens), with tiles forced tiny.
+
+On the CPU the ops run a chunk of queries through the chunk path (:mod:`nqcompile.ops.cpu`, tested in
+``test_chunk_attention.py``); here every call is left to the torch reference, the subject of this file."""
 
 from unittest import mock
 
@@ -14,6 +17,7 @@ from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.codec.kv import KVTransform, decode_values, encode_values, fold_values, value_rows
 from nqcompile.ops import blockwise
+from nqcompile.ops import cpu as ops_cpu
 from nqcompile.ops.reference import _attention
 from nqcompile.policy.reconstruction import max_attention_probability, reconstruction_scores
 
@@ -33,6 +37,12 @@ DECODE_TOL = dict(atol=5e-6, rtol=1e-5)
 # leave remainders (7 = 3 + 3 + 1 queries; 21 = 4 * 5 + 1 code slots, 9 = 5 + 4 exact tokens).
 B, H, G, Q, C, E, D = 2, 2, 3, 7, 21, 9, 16
 QUERY_TILE, KEY_BLOCK = 3, 5
+
+
+@pytest.fixture(autouse=True)
+def reference_on_cpu(monkeypatch):
+    """The CPU implementations of the ops run the torch reference for every call of this file."""
+    monkeypatch.setattr(ops_cpu, "unsupported_reason", lambda *args: "the torch reference under test")
 
 
 def tolerance(tol, kind):

@@ -66,6 +66,7 @@ def test_cache_attention_equals_write_then_dequant_then_attention(batch, heads, 
         seen = code_len + new[4]
     else:
         new, seen = [None] * 5, code_len
+    seen = seen[:, None].expand(-1, q)  # per query, as a decode step passes it (tiers.decode_steps)
     if warm:
         warm_codes, warm_pos = _codes(wcap, batch, heads, d, (4, 4), _codec(d, batch, heads, 4, 4), seed + 1)
         warm_mask = torch.rand(batch, q, wcap, generator=g) < 0.5

@@ -1,6 +1,7 @@
-"""Attention of a prefill chunk (many queries) over E8 codes plus an exact segment, on the GPU: the codes decoded one
-piece at a time by ``nqcompile::dequant_kv`` (the Triton dequant kernel) and attended by torch's fused attention
-kernels, which never hold a score matrix in memory.
+"""Attention of a prefill chunk (many queries) over codes plus an exact segment: the codes decoded one piece at a
+time by ``nqcompile::dequant_kv`` (on the GPU the Triton dequant kernel) and attended by torch's fused attention
+kernels, which never hold a score matrix in memory. :mod:`nqcompile.ops.cuda` and :mod:`nqcompile.ops.cpu` run it
+behind the attention ops.
 
 The torch reference (:func:`nqcompile.ops.dequant_attention`) decodes and attends key block by key block with
 matmuls and an online softmax: right on every device, but on a GPU a 8,192-token chunk over 64K held tokens costs
@@ -16,9 +17,12 @@ Over the codes the queries of a KV group attend as one longer query sequence (``
 head's keys), so GQA costs no copy of the decoded keys; over the exact segment the keys and values are repeated per
 query head (the mask differs per query, not per head), a transient of ``E * Hq * D`` elements each.
 
-The keys and values are attended in the query's dtype (float16 or bfloat16, as the model's own SDPA attends its
-bf16 cache), softmax statistics and the merge in float32. Reading the code lengths synchronizes with the device once
-per call, so :func:`unsupported_reason` keeps this path out of CUDA-graph captures (the decode kernel runs there).
+The keys and values are attended in the query's dtype (on the GPU float16 or bfloat16, as the model's own SDPA
+attends its bf16 cache; on the CPU also float32, which torch's CPU flash kernel takes), softmax statistics and the
+merge in float32. Reading the code lengths synchronizes with the device once per call, so :func:`unsupported_reason`
+keeps this path out of CUDA-graph captures (the decode kernel runs there). The exact segment's additive mask is
+``q x E`` elements of the query's dtype; on the CPU, where the torch reference's tiles bound the memory a call takes,
+:func:`unsupported_reason` leaves calls whose mask would exceed :data:`CPU_MASK_BYTES` to that reference.
 """
 
 from __future__ import annotations
@@ -29,26 +33,37 @@ import torch
 
 from .reference import dequant_kv
 
-__all__ = ["PIECE_BYTES", "chunk_attention", "unsupported_reason"]
+__all__ = ["PIECE_BYTES", "CPU_MASK_BYTES", "chunk_attention", "unsupported_reason"]
 
 #: Budget of one decoded piece of codes (float32 keys plus values of one sequence), bytes.
 PIECE_BYTES = 256 * 2**20
+#: On the CPU, the largest exact-segment mask ``[B, 1, q, E]`` (query dtype) a call may build, bytes.
+CPU_MASK_BYTES = 256 * 2**20
 
 
-def unsupported_reason(query: torch.Tensor, code_len: torch.Tensor, kind: str) -> Optional[str]:
+def unsupported_reason(query: torch.Tensor, code_len: torch.Tensor, kind: str, exact_len: int) -> Optional[str]:
     """Why :func:`chunk_attention` does not run a call, or None when it does (shapes, dtypes and static arguments
-    only; the codec itself is checked by the dequant kernel's own reason, :func:`nqcompile.ops.cuda.dequant_kernel_reason`).
+    only; on CUDA the codec itself is checked by the dequant kernel's own reason,
+    :func:`nqcompile.ops.cuda.dequant_kernel_reason`).
 
     Args:
         query: ``[B, Hq, q, D]``. code_len: ``[B]`` or ``[B, q]`` int64. kind: the codec name.
+        exact_len: ``E``, the exact tokens of the call.
 
     Returns:
         None, or a sentence naming what the path does not cover.
     """
-    if query.shape[2] < 2:
+    batch, _, q_len, _ = query.shape
+    if q_len < 2:
         return "one query per sequence (a decode step)"
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return f"a {query.dtype} query (the fused attention kernels take float16 or bfloat16)"
+    cpu = query.device.type == "cpu"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if cpu else (torch.float16, torch.bfloat16)
+    if query.dtype not in dtypes:
+        taken = "float16, bfloat16 or float32 on the CPU" if cpu else "float16 or bfloat16"
+        return f"a {query.dtype} query (the fused attention kernels take {taken})"
+    if cpu and batch * q_len * -(-exact_len // 16) * 16 * query.dtype.itemsize > CPU_MASK_BYTES:
+        return (f"an exact-segment mask of {q_len} x {exact_len} tokens over CPU_MASK_BYTES (the reference's tiles "
+                "bound the memory on the CPU)")
     if code_len.dim() != 1:
         return "per-query code lengths (a chunk replayed as decode steps)"
     if kind == "exact":
@@ -101,7 +116,8 @@ def chunk_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_
     """:func:`nqcompile.ops.dequant_attention_lse` for a chunk of queries (module docstring for the method).
 
     Args:
-        query: ``[B, Hq, q, D]`` float16/bfloat16 post-RoPE queries, ``Hq`` a multiple of the KV heads ``H``.
+        query: ``[B, Hq, q, D]`` float16/bfloat16 post-RoPE queries (float32 too on the CPU), ``Hq`` a multiple of the
+            KV heads ``H``.
         k_codes, k_scales, v_codes, v_scales, code_pos: the code storage (:mod:`nqcompile.ops.layout`), ``C`` slots.
         code_len: ``[B]`` int64: every query of sequence ``b`` sees its first ``code_len[b]`` slots.
         exact_k, exact_v: ``[B, H, E, D]`` exact keys/values; exact_mask ``[B, q, E]`` bool, what each query sees
@@ -116,7 +132,7 @@ def chunk_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_
     Raises:
         ValueError: a call :func:`unsupported_reason` rejects.
     """
-    reason = unsupported_reason(query, code_len, kind)
+    reason = unsupported_reason(query, code_len, kind, exact_k.shape[2])
     if reason is not None:
         raise ValueError(f"chunk_attention does not cover {reason}; call nqcompile.ops.dequant_attention_lse")
     batch, q_heads, q_len, dim = query.shape

@@ -141,11 +141,11 @@ def decode_kernel_reason(query: torch.Tensor, kv_heads: int, code_len: torch.Ten
 
 
 def chunk_reason(query: torch.Tensor, k_codes: torch.Tensor, code_len: torch.Tensor, kind: str,
-                 bits: tuple[int, int], dim: int, rotary_dim: int, layout: str,
-                 inv_freq: torch.Tensor) -> Optional[str]:
+                 bits: tuple[int, int], dim: int, rotary_dim: int, layout: str, inv_freq: torch.Tensor,
+                 exact_len: int) -> Optional[str]:
     """Why an attention call does not run :func:`~nqcompile.ops.chunk_attention.chunk_attention`, or None if it does
     (:func:`nqcompile.ops.chunk_attention.unsupported_reason`, then :func:`dequant_kernel_reason`)."""
-    return (_chunk.unsupported_reason(query, code_len, kind)
+    return (_chunk.unsupported_reason(query, code_len, kind, exact_len)
             or dequant_kernel_reason(k_codes, kind, bits, dim, rotary_dim, layout, inv_freq))
 
 
@@ -164,7 +164,7 @@ def _attention_cuda(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_
                                           norm_mean, norm_scale, kernel.centroid_table(query.device), key_bits,
                                           value_bits, attention_scaling, rotary_dim, layout, scaling)
     if chunk_reason(query, k_codes, code_len, kind, (key_bits, value_bits), hadamard.shape[0], rotary_dim, layout,
-                    inv_freq) is None:
+                    inv_freq, exact_k.shape[2]) is None:
         out, lse = _chunk.chunk_attention(*args)
     else:
         out, lse = _attention(*args)
