@@ -17,7 +17,7 @@ arguments only (and whether a CUDA graph is being captured), so it never changes
 codecs (:func:`write_kernel_reason`). The op keeps its ``cudagraph_unsafe`` tag, as the reference it falls back to
 reads ``count`` back to the host.
 
-The CPU implementations are the ops' own (the torch reference); these are registered for ``"cuda"`` only.
+These are registered for ``"cuda"`` only; the CPU's are in :mod:`nqcompile.ops.cpu`.
 """
 
 from __future__ import annotations
