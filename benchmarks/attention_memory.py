@@ -7,6 +7,10 @@ attends over ``N`` coded tokens plus its own ``q`` tokens as the exact segment (
 (``q = --chunk``) or a decode step (``q = 1``) of the cache. The codes are those of ``--distinct`` random
 tokens written by ``nqcompile::write_kv``, repeated to ``N`` slots.
 
+Implementations: ``blockwise``, the torch reference (score tiles and key blocks, :mod:`nqcompile.ops.blockwise`);
+``op``, the op as dispatched on the device (a prefill chunk takes the chunk path where
+:func:`nqcompile.ops.chunk_attention.unsupported_reason` allows it, a decode step the Triton kernel on CUDA).
+
 Measured per call (after one warm-up call): the peak memory above what was allocated before the call (the
 call's transients and its output) -- on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running sum of
 the profiler's raw allocator records -- and the median wall time of ``--repeat`` calls (CUDA synchronized).
@@ -35,6 +39,7 @@ from nqcompile import ops
 from nqcompile.codec.hadamard import hadamard_matrix
 from nqcompile.eval.allocations import peak_allocated_bytes
 from nqcompile.ops import blockwise
+from nqcompile.ops.reference import _attention
 
 
 def held_tokens(args, n_tokens: int, q_len: int, device: torch.device) -> tuple:
@@ -60,6 +65,11 @@ def held_tokens(args, n_tokens: int, q_len: int, device: torch.device) -> tuple:
     causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()[None]
     return (query, *store, code_pos, torch.tensor([n_tokens], device=device), exact_k, exact_v, causal, *codec,
             dim ** -0.5)
+
+
+def blockwise_attention(*inputs):
+    """The torch reference's output (what every device ran before the chunk path and the kernels)."""
+    return _attention(*inputs)[0]
 
 
 def dense_attention(query, k_codes, k_scales, v_codes, v_scales, code_pos, code_len, exact_k, exact_v, exact_mask,
@@ -132,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
             inputs = held_tokens(args, n_tokens, q_len, device)
             tiles = blockwise.tile_sizes(1, args.q_heads, args.kv_heads, args.head_dim, q_len, n_tokens + q_len,
                                          torch.float32)
-            impls = [("blockwise", ops.dequant_attention)] + ([("dense", dense_attention)] if args.dense else [])
+            impls = [("blockwise", blockwise_attention), ("op", ops.dequant_attention)]
+            impls += [("dense", dense_attention)] if args.dense else []
             for impl, fn in impls:
                 label = f"{tiles[0]} x {tiles[1]}" if impl == "blockwise" else "-"
                 scores = args.q_heads * q_len * (n_tokens + q_len) * 4
