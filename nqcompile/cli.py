@@ -27,16 +27,20 @@ SUBCOMMANDS = ("generate", "diff")
 PRESET_NAMES = ("asym", "balanced", "high", "max", "quant_only")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DEFAULT_PROMPT = Path(__file__).resolve().parent / "data" / "prompt.txt"
+#: Prompt tokens of the untimed warm-up run of the compressed cache (enough for a compression, an eviction and a
+#: re-read under every preset).
+WARM_UP_TOKENS = 512
 
 GENERATE_HELP = """\
 Continue a prompt greedily with a compressed KV cache and with the uncompressed one (DynamicCache), and print:
 the continuation; what the compressed cache holds (bytes against a bf16 cache of the same tokens, the ratio);
 the wall time of each prefill and the generation speed of each cache in tokens/s (wall time of generate over
-the new tokens); and the perplexity change of a held-out continuation. The held-out check reuses each cache as
-its prefill left it: the last --held-tokens tokens of the prompt file, which the model is not shown, are fed as
-decode steps and scored, so it measures what compressing the prompt costs the next tokens. Progress bars go
-to stderr (TQDM_DISABLE=1 hides them); --json writes every figure. OMP_WAIT_POLICY is set to PASSIVE unless the
-environment sets it (OpenMP threads spinning on a busy CPU slow torch down several times)."""
+the new tokens, after an untimed warm-up run that builds the compressed cache's kernels); and the perplexity
+change of a held-out continuation. The held-out check reuses each cache as its prefill left it: the last
+--held-tokens tokens of the prompt file, which the model is not shown, are fed as decode steps and scored, so it
+measures what compressing the prompt costs the next tokens. Progress bars go to stderr (TQDM_DISABLE=1 hides
+them); --json writes every figure. OMP_WAIT_POLICY is set to PASSIVE unless the environment sets it (OpenMP
+threads spinning on a busy CPU slow torch down several times)."""
 
 DIFF_HELP = """\
 Load a model, prepare it with a preset (--preset none: leave it unprepared), prefill the first --prompt-tokens
@@ -263,6 +267,33 @@ def _run_cache(model, tokenizer, label: str, cache, prompt, held_ids, max_new_to
     return figures | {"ids": new.tolist()}
 
 
+def _warm_up(model, tokenizer, preset, prompt) -> float:
+    """Run ``model.generate`` once on the first :data:`WARM_UP_TOKENS` tokens of ``prompt`` ``[1, L]`` with a
+    throwaway compressed cache, for enough new tokens to flush the exact window into codes once, so that what the
+    codec builds on first use in a process (its Inductor-generated CPU kernels, ``nqcompile/codec/cpu_kernel.py``,
+    loaded from Inductor's on-disk cache after the first run; on CUDA the Triton kernels) is not timed as prefill
+    or generation. Returns its wall time in seconds."""
+    import torch
+
+    import nqcompile
+    from nqcompile.ops.layout import BLOCK_TOKENS
+    from nqcompile.policy.reconstruction import REREAD_TOKENS
+
+    ids = prompt[:, :min(prompt.shape[1], WARM_UP_TOKENS)]
+    steps = preset.recent_window + BLOCK_TOKENS
+    cache = nqcompile.NexusCache(model.config, preset, max_cache_len=ids.shape[1] + steps)
+    forwards = steps + (math.ceil(ids.shape[1] / REREAD_TOKENS) if preset.scorer == "reconstruction" else 0)
+    start = time.perf_counter()
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            _layer_bars(model, (f"{preset.name}: warm-up", len(_decoder_layers(model)) * forwards)):
+        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=steps,
+                       min_new_tokens=steps, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                       else tokenizer.eos_token_id)
+    return time.perf_counter() - start
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Run ``nqcompile generate``; returns the exit status.
 
@@ -313,6 +344,9 @@ def _generate(args: argparse.Namespace) -> int:
           + (f" ({held} more held out for the perplexity check)" if held else ""), flush=True)
 
     model = nqcompile.optimize(model, preset=preset)
+    warm_up_s = _warm_up(model, tokenizer, preset, prompt)
+    print(f"warm-up: {args.preset} on the prompt's first {min(n_prompt, WARM_UP_TOKENS):,} tokens in {warm_up_s:.1f} s "
+          "(builds or loads the compressed cache's kernels; not in the timings below)", flush=True)
     cache = nqcompile.NexusCache(model.config, preset, max_cache_len=n_prompt + args.max_new_tokens)
     runs = {"compressed": _run_cache(model, tokenizer, args.preset, cache, prompt, held_ids, args.max_new_tokens),
             "uncompressed": _run_cache(model, tokenizer, "uncompressed", DynamicCache(), prompt, held_ids,
@@ -368,7 +402,7 @@ def _generate(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(), "prompt_file": str(args.prompt_file), "prompt_tokens": n_prompt,
             "continuation": tokenizer.decode(new, skip_special_tokens=True),
             "continuation_uncompressed": tokenizer.decode(exact_new, skip_special_tokens=True), "agreeing_tokens": agree,
-            "memory": report.to_dict(), "speed": runs, "quality": quality, "total_s": total_s,
+            "memory": report.to_dict(), "speed": runs, "quality": quality, "warm_up_s": warm_up_s, "total_s": total_s,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,8 @@ def test_generate_prints_and_writes_the_figures(tmp_path, tiny_folder, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for needle in ("1 thread)", "prompt: 660 tokens", "(40 more held out", "--- continuation (6 tokens, greedy, preset "
+    for needle in ("1 thread)", "prompt: 660 tokens", "(40 more held out", "warm-up: balanced on the prompt's first 512 "
+                   "tokens in", "--- continuation (6 tokens, greedy, preset "
                    "balanced)", "tokens held (all layers, seqs)", "ratio", "uncompressed (DynamicCache)    prefill 659 "
                    "tokens in", "generate 6 tokens in", "tokens/s", "compressed (balanced)", "re-reading",
                    "perplexity of the 40 held-out tokens", f"written to {figures}"):
@@ -178,6 +179,7 @@ def test_generate_prints_and_writes_the_figures(tmp_path, tiny_folder, capsys):
                      out), out
     data = json.loads(figures.read_text())
     assert data["threads"] == 1 and data["prompt_tokens"] == 660 and data["preset"]["name"] == "balanced"
+    assert 0 < data["warm_up_s"] < data["total_s"]
     for run in ("compressed", "uncompressed"):
         speed = data["speed"][run]
         assert speed["new_tokens"] == 6 and speed["tokens_per_s"] == pytest.approx(6 / speed["generate_s"])

@@ -155,7 +155,18 @@ def test_the_bf16_reference_is_what_a_bf16_dynamic_cache_holds(compress_layers):
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in ref.layers)
     window_layer = (WINDOW - 1) * 2 * 1 * 64 * 2 * 2  # tokens x batch x KV heads x head_dim x bf16 x (keys, values)
     assert held == 5 * window_layer + (PREFILL + 3) * 2 * 64 * 2 * 2
-    assert cache.memory_report().bf16_bytes == held
+    report = cache.memory_report()
+    assert report.bf16_bytes == held
+    by_type = {kind: sum(layer.keys.nbytes + layer.values.nbytes for layer in ref.layers if layer.is_sliding == sliding)
+               for kind, sliding in (("sliding_attention", True), ("full_attention", False))}
+    assert {k: v["bf16_bytes"] for k, v in report.by_layer_type.items()} == by_type
+    assert {k: v["layers"] for k, v in report.by_layer_type.items()} == {"sliding_attention": 5, "full_attention": 1}
+    assert sum(v["allocated_bytes"] for v in report.by_layer_type.values()) == report.allocated_bytes
+    full = report.by_layer_type["full_attention"]
+    assert report.layer_type_ratio("full_attention") == full["bf16_bytes"] / full["allocated_bytes"]
+    with pytest.raises(KeyError, match="no 'chunked_attention' layers"):
+        report.layer_type_ratio("chunked_attention")
+    assert "sliding-window layers (5)" in str(report) and "full-attention layers (1)" in str(report)
 
 
 def test_compress_kv_cache_of_a_hybrid_dynamic_cache_continues_as_it():

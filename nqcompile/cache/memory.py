@@ -11,6 +11,8 @@ from .layer import NexusLayer
 
 __all__ = ["CacheMemoryReport", "memory_report"]
 
+_TYPE_NAMES = {"full_attention": "full-attention", "sliding_attention": "sliding-window"}
+
 
 @dataclass(frozen=True)
 class CacheMemoryReport:
@@ -34,6 +36,11 @@ class CacheMemoryReport:
             float32 Hadamard matrix of each distinct head size and device, built once per process and shared by
             every cache (256 KiB at head_dim 256, 16 KiB at 64); not in ``allocated_bytes``, since neither another
             cache nor a longer context adds to it and freeing the cache does not free it.
+        by_layer_type: ``allocated_bytes`` and ``bf16_bytes`` split by layer type (``"full_attention"``,
+            ``"sliding_attention"``), each ``{"layers": int, "allocated_bytes": int, "bf16_bytes": int}``: on a
+            hybrid model the sliding-window layers hold their whole window, which is also all that the bf16
+            reference holds there, so their ratio is the codec's and an evicting preset's shows in the full-attention
+            layers only. A tensor storage two layers share counts in the first.
         compression_ratio: ``bf16_bytes / allocated_bytes``.
     """
 
@@ -44,6 +51,7 @@ class CacheMemoryReport:
     bf16_bytes: int
     layer_key_bits: tuple[int, ...] = ()
     shared_bytes: int = 0
+    by_layer_type: dict = dataclasses.field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -54,6 +62,17 @@ class CacheMemoryReport:
         return {**dataclasses.asdict(self), "layer_key_bits": list(self.layer_key_bits),
                 "compression_ratio": self.compression_ratio}
 
+    def layer_type_ratio(self, layer_type: str) -> float:
+        """``bf16_bytes / allocated_bytes`` of the layers of ``layer_type`` (a key of ``by_layer_type``).
+
+        Raises:
+            KeyError: the cache has no layer of that type (the message lists the types it has).
+        """
+        if layer_type not in self.by_layer_type:
+            raise KeyError(f"no {layer_type!r} layers in this cache; it has {sorted(self.by_layer_type)}")
+        part = self.by_layer_type[layer_type]
+        return part["bf16_bytes"] / part["allocated_bytes"] if part["allocated_bytes"] else float("nan")
+
     def __str__(self) -> str:
         mib = 2.0**20
         lines = [
@@ -63,6 +82,10 @@ class CacheMemoryReport:
             f"allocated by NexusCache           {self.allocated_bytes / mib:>12.3f} MiB",
             f"  of which unused capacity        {self.unused_capacity_bytes / mib:>12.3f} MiB",
             f"compression ratio (bytes)         {self.compression_ratio:>12.2f}x",
+            *(f"  {_TYPE_NAMES.get(name, name)} layers ({part['layers']})".ljust(34)
+              + f"{self.layer_type_ratio(name):>12.2f}x  ({part['allocated_bytes'] / mib:.3f} MiB for "
+                f"{part['bf16_bytes'] / mib:.3f} MiB of bf16)"
+              for name, part in sorted(self.by_layer_type.items()) if len(self.by_layer_type) > 1),
             f"codec constants shared by caches  {self.shared_bytes / mib:>12.3f} MiB (not in the ratio)",
         ]
         if self.layer_key_bits:
@@ -83,7 +106,9 @@ def memory_report(layers) -> CacheMemoryReport:
     logical = None
     physical = 0
     key_bits = []
+    by_type: dict[str, dict[str, int]] = {}
     for layer in layers:
+        allocated_before, bf16_before = allocated, bf16
         tensors = layer.tensors() if isinstance(layer, NexusLayer) else {
             k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
         for t in tensors.values():
@@ -106,4 +131,9 @@ def memory_report(layers) -> CacheMemoryReport:
             b, h, _, d = layer.keys.shape
             bf16 += 4 * b * h * d * layer.keys.shape[2]  # transformers' own layer: what it holds
             physical += b * layer.keys.shape[2]
-    return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits), shared)
+        part = by_type.setdefault("sliding_attention" if getattr(layer, "is_sliding", False) else "full_attention",
+                                  {"layers": 0, "allocated_bytes": 0, "bf16_bytes": 0})
+        part["layers"] += 1
+        part["allocated_bytes"] += allocated - allocated_before
+        part["bf16_bytes"] += bf16 - bf16_before
+    return CacheMemoryReport(logical or 0, physical, allocated, unused, bf16, tuple(key_bits), shared, by_type)
