@@ -223,6 +223,21 @@ def _token_bar(desc: str, total: int):
     return TokenBar()
 
 
+def _greedy(model, tokenizer, ids, cache, max_new_tokens: int, **kwargs):
+    """``model.generate``, greedy, from ``ids`` ``[1, L]`` into ``cache``; returns its output ids."""
+    import torch
+
+    with warnings.catch_warnings():
+        # transformers 5.2x renamed generate's `past_key_values` to `cache` (the name optimize()'s wrapper and
+        # transformers 5.17 read) and warns about the old name: noise here.
+        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **kwargs)
+
+
 def _run_cache(model, tokenizer, label: str, cache, prompt, held_ids, max_new_tokens: int) -> dict:
     """Prefill ``prompt`` ``[1, L]`` minus its last token into ``cache`` (timed), then ``model.generate`` from it
     (timed), and score ``held_ids`` (the prompt's last token, then the held-out tokens) through a copy of the
@@ -248,14 +263,8 @@ def _run_cache(model, tokenizer, label: str, cache, prompt, held_ids, max_new_to
             if hasattr(held_cache, "reserve"):  # a NexusCache sized for the generation: room for the held-out tokens
                 held_cache.reserve(held_ids.shape[1] - 1)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            # transformers 5.2x renamed generate's `past_key_values` to `cache` (the name optimize()'s wrapper and
-            # transformers 5.17 read) and warns about the old name: noise here.
-            warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
-            out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=max_new_tokens,
-                do_sample=False, streamer=_token_bar(f"{label}: generate", max_new_tokens),
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        out = _greedy(model, tokenizer, prompt, cache, max_new_tokens,
+                      streamer=_token_bar(f"{label}: generate", max_new_tokens))
         generate_s = time.perf_counter() - start
         new = out[0, prompt.shape[1]:]
         figures = {"prefill_tokens": n, "prefill_s": prefill_s, "reread": calls["calls"] > layers, "new_tokens": len(new), "generate_s": generate_s,
@@ -284,13 +293,9 @@ def _warm_up(model, tokenizer, preset, prompt) -> float:
     cache = nqcompile.NexusCache(model.config, preset, max_cache_len=ids.shape[1] + steps)
     forwards = steps + (math.ceil(ids.shape[1] / REREAD_TOKENS) if preset.scorer == "reconstruction" else 0)
     start = time.perf_counter()
-    with torch.inference_mode(), warnings.catch_warnings(), \
-            _layer_bars(model, (f"{preset.name}: warm-up", len(_decoder_layers(model)) * forwards)):
-        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
-        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=steps,
-                       min_new_tokens=steps, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                       else tokenizer.eos_token_id)
+    bar = (f"{preset.name}: warm-up", len(_decoder_layers(model)) * forwards)
+    with torch.inference_mode(), _layer_bars(model, bar):
+        _greedy(model, tokenizer, ids, cache, steps, min_new_tokens=steps)
     return time.perf_counter() - start
 
 
