@@ -242,7 +242,7 @@ def evaluate_model(name: str, args: argparse.Namespace, results: dict) -> None:
     model, tokenizer, description = load_model(name, args)
     if args.caches:
         # The attention is registered once; each cache carries its own preset, and DynamicCache runs exact SDPA.
-        model = nqcompile.optimize(model, preset=next(iter(args.caches.values())))
+        model = nqcompile.optimize(model, preset=next(iter(args.caches.values())), tokenizer=tokenizer)
     windows = {g: perplexity_windows(tokenizer, n_windows=args.windows, prefix=args.prefix,
                                      continuation=args.continuation, seed=args.seed, sources=GENRES[g])
                for g in args.genres} if args.windows else {}

@@ -14,13 +14,15 @@ from transformers.generation.configuration_utils import GenerationMode
 from .attention import CACHE_KWARG, register_attention
 from .cache import NexusCache
 from .models.features import plan_layers
+from .policy.line_breaks import line_break_ids
 from .policy.registry import SCORERS
 from .presets import Preset, get_preset
 
 __all__ = ["optimize", "compress_kv_cache"]
 
 
-def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **overrides: Any) -> torch.nn.Module:
+def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", *, tokenizer=None,
+             **overrides: Any) -> torch.nn.Module:
     """Prepare a HuggingFace causal LM so that ``model.generate(...)`` runs with a compressed cache.
 
     It registers the ``"nexusquant"`` attention (transformers' ``AttentionInterface``), switches the model
@@ -41,6 +43,8 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         model: a decoder-only ``PreTrainedModel`` with rotary attention (``docs/models.md`` lists which attention
             features are honoured and which are refused).
         preset: a name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
+        tokenizer: the model's tokenizer; needed when the preset keeps line breaks (``keep_line_breaks``), whose
+            ids it gives the re-reading (:func:`~nqcompile.policy.line_breaks.line_break_ids`).
         **overrides: :class:`~nqcompile.Preset` fields to change.
 
     Returns:
@@ -56,6 +60,10 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
     """
     chosen = get_preset(preset, **overrides)
     plan_layers(model.config, chosen, max_cache_len=None, check_windows=False)  # validates; allocates nothing
+    if chosen.keep_line_breaks and tokenizer is None:
+        raise ValueError(f"preset {chosen.name!r} keeps line breaks through eviction (keep_line_breaks=True), which "
+                         "needs the tokenizer to find them: nqcompile.optimize(model, preset, tokenizer=tokenizer), "
+                         "or pass keep_line_breaks=False")
     for name, module in model.named_modules():
         if isinstance(getattr(module, "sinks", None), torch.Tensor):
             raise ValueError(f"{name} holds learned attention-sink logits (sinks, as gpt-oss's attention does): each "
@@ -114,6 +122,7 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", **over
         previous.remove()
     model._nqcompile_reconstruct_hook = model.register_forward_hook(_reconstruct_after_prefill, with_kwargs=True)
     model.nqcompile_preset = chosen
+    model._nqcompile_tokenizer, model._nqcompile_line_breaks = tokenizer, None  # the ids are read when first needed
     return model
 
 
@@ -204,7 +213,22 @@ def _reread_deferred(model, args: tuple, kwargs: dict, cache: NexusCache) -> Non
     if bound.get("input_ids") is None:
         raise ValueError(f"scorer={cache.preset.scorer!r} re-reads the prompt's token ids; pass input_ids, not "
                          "inputs_embeds (or use a scorer that needs no model)")
-    cache.reconstruct(model, bound["input_ids"], bound.get("attention_mask"))
+    input_ids = bound["input_ids"]
+    keep = torch.isin(input_ids, _line_breaks(model, cache).to(input_ids.device)) \
+        if cache.preset.keep_line_breaks else None
+    cache.reconstruct(model, input_ids, bound.get("attention_mask"), keep=keep)
+
+
+def _line_breaks(model, cache: NexusCache) -> torch.Tensor:
+    """The line-break token ids of the tokenizer :func:`optimize` was given, found once per model."""
+    if getattr(model, "_nqcompile_line_breaks", None) is None:
+        tokenizer = getattr(model, "_nqcompile_tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"the NexusCache's preset {cache.preset.name!r} keeps line breaks (keep_line_breaks=True), "
+                             "which needs the tokenizer: prepare the model with nqcompile.optimize(model, preset, "
+                             "tokenizer=tokenizer), or build the cache with keep_line_breaks=False")
+        model._nqcompile_line_breaks = line_break_ids(tokenizer)
+    return model._nqcompile_line_breaks
 
 
 def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, config,

@@ -348,7 +348,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"prompt: {n_prompt:,} tokens from {args.prompt_file}"
           + (f" ({held} more held out for the perplexity check)" if held else ""), flush=True)
 
-    model = nqcompile.optimize(model, preset=preset)
+    model = nqcompile.optimize(model, preset=preset, tokenizer=tokenizer)
     warm_up_s = _warm_up(model, tokenizer, preset, prompt)
     print(f"warm-up: {args.preset} on the prompt's first {min(n_prompt, WARM_UP_TOKENS):,} tokens in {warm_up_s:.1f} s "
           "(builds or loads the compressed cache's kernels; not in the timings below)", flush=True)

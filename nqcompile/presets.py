@@ -98,6 +98,10 @@ class Preset:
             candidates' scores, and never fewer than ``eviction_ratio`` leaves, which is then the most a chunk
             evicts (:func:`~nqcompile.policy.reconstruction.allocate_across_layers`). A model whose attention
             needs more tokens keeps more. 0 disables: ``eviction_ratio`` alone sets the budget.
+        keep_line_breaks: with ``scorer="reconstruction"``, every prefill token whose text holds a line break gets
+            the highest score (1.0, also counted by ``keep_mass``), so each chunk keeps its line breaks first
+            (:mod:`nqcompile.policy.line_breaks`; hard-wrapped text predicts its line ends from them). Needs the
+            tokenizer: :func:`nqcompile.optimize` takes it as ``tokenizer=``.
         observation_window: number of last queries of a chunk whose attention scores tokens.
         min_evict_tokens: a prefill chunk with fewer new tokens than this is quantized but not evicted: a
             short follow-up (a question, a chat turn) saves little memory, and evicting from it (and from
@@ -153,6 +157,7 @@ class Preset:
     eviction_ratio: float = 0.0
     scorer: str = "observation"
     keep_mass: float = 0.0
+    keep_line_breaks: bool = False
     observation_window: int = 32
     min_evict_tokens: int = 256
     pooling_kernel: int = 7
@@ -195,6 +200,10 @@ class Preset:
         if self.keep_mass and not SCORERS[self.scorer].needs_model:
             raise ValueError(f"keep_mass={self.keep_mass} needs scores that are attention probabilities shared among "
                              f"the layers (scorer='reconstruction'); scorer={self.scorer!r} has none, use keep_mass=0")
+        if self.keep_line_breaks and not SCORERS[self.scorer].needs_model:
+            raise ValueError(f"keep_line_breaks=True raises the reconstruction scores of line breaks, which "
+                             f"scorer={self.scorer!r} does not compute; use scorer='reconstruction' or "
+                             "keep_line_breaks=False")
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
         _choice("window_dtype", self.window_dtype, WINDOW_DTYPES)
         if not 0.0 <= float(self.eviction_ratio) < 1.0:

@@ -355,6 +355,21 @@ class NexusLayer(CacheLayerMixin):
         return candidate_scores(self.storage, self.policy, self.deferred, self._rescored_chunk_scores(),
                                 first_chunk=self.chunks == 0)
 
+    def keep_first(self, keep: torch.Tensor) -> None:
+        """Give the deferred chunk's tokens marked in ``keep`` (``[B, L]`` bool over the chunk's ``L`` tokens) the
+        highest reconstruction score, 1.0, so that every budget takes them before any other candidate.
+
+        Raises:
+            RuntimeError: no chunk is deferred, or it has not been re-read yet.
+            ValueError: ``keep`` is not ``[B, L]``.
+        """
+        scores = self._rescored_chunk_scores()
+        batch, chunk = scores.shape[0], self.deferred.key.shape[2]
+        if tuple(keep.shape) != (batch, chunk):
+            raise ValueError(f"keep must mark the deferred chunk's tokens, ({batch}, {chunk}), got {tuple(keep.shape)}")
+        marked = torch.nn.functional.pad(keep.to(device=scores.device, dtype=torch.bool), (scores.shape[-1] - chunk, 0))
+        self._recon_scores = scores.masked_fill(marked[:, None], 1.0)
+
     def finish_deferred(self, budget: torch.Tensor) -> None:
         """Compress the deferred chunk keeping ``budget[b]`` (``[B]`` int64) tokens per head of sequence ``b``,
         ranked by their reconstruction scores (the compression keeps only candidates).

@@ -143,7 +143,8 @@ class NexusCache(Cache):
         return any(isinstance(layer, NexusLayer) and layer.deferred is not None for layer in self.layers)
 
     @torch.no_grad()
-    def reconstruct(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def reconstruct(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    keep: torch.Tensor | None = None) -> None:
         """Re-read the prefill chunk just fed and compress it by reconstruction scores (KVzip).
 
         The model reads ``input_ids`` again, right after the chunk, in pieces of
@@ -163,14 +164,22 @@ class NexusCache(Cache):
                 ``[B, 1, L, kv]`` that ``generate`` builds for a compileable cache (boolean, or additive with 0
                 where attended; its last row, a real token under left padding, gives the padding), a dict of such
                 masks by layer type (its ``"full_attention"`` one is read), or None.
+            keep: ``[B, L]`` bool, chunk tokens every evicting layer keeps first (their score becomes 1.0, the
+                highest, and ``keep_mass`` counts it): the line breaks under ``Preset.keep_line_breaks``, which
+                the hook of :func:`nqcompile.optimize` marks; None keeps the scores as the re-reading gave them.
 
         Raises:
             RuntimeError: no chunk is deferred.
-            ValueError: ``input_ids`` or ``attention_mask`` does not match the deferred chunk.
+            ValueError: ``input_ids``, ``attention_mask`` or ``keep`` does not match the deferred chunk.
             NotImplementedError: ``dynamic`` or ``longrope`` rope whose frequencies would change at the
                 re-reading's positions (up to twice the chunk's); use ``scorer="key_diff"`` for such a model.
         """
+        if keep is not None and tuple(keep.shape) != tuple(input_ids.shape):
+            raise ValueError(f"keep must mark each token of input_ids, {tuple(input_ids.shape)}, got {tuple(keep.shape)}")
         deferred = self._reread(model, input_ids, attention_mask)
+        if keep is not None:
+            for layer in deferred:
+                layer.keep_first(keep)
         candidates = [layer.reconstruction_candidates() for layer in deferred]
         counts = allocate_across_layers([c[0] for c in candidates], sum(c[1] for c in candidates),
                                         keep_mass=self.preset.keep_mass)
