@@ -9,6 +9,7 @@ imports when a test loads the script by its file path.
 * timing: :func:`prefill` (chunks; the re-reading of a ``reconstruction`` preset timed apart; the last logits),
   :func:`time_calls` (warm-up, then timed calls; a compiled callable's first call timed on its own, and the graphs
   Dynamo compiled counted), :func:`compile_counts`;
+* models: :func:`byte_level_tokenizer` (the tokenizer of the random-weight models with 256-id vocabularies);
 * output: :func:`failure` (a failed row's fields), :func:`write_json` (``{"meta", "rows"}``), :func:`markdown`
   (a table from header and cells), :func:`progress` (a finished row as one line).
 """
@@ -27,6 +28,21 @@ import torch
 
 import nqcompile
 from nqcompile.models import cache_kwarg_name
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte, 256 ids, numbered in the sorted order of the
+    byte-level alphabet so that every build gives the same ids) and no special tokens: the tokenizer of the
+    random-weight models with 256-id vocabularies (``--smoke``; presets that keep line breaks need one), built
+    without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet(): a set
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def names(text: str) -> list[str]:

@@ -10,7 +10,7 @@ mode:
   default Inductor backend (a DynamicCache grows every step: Dynamo compiles a second, dynamic-length graph at the
   second call, which the warm-up absorbs);
 * ``NexusCache`` of each preset (``--presets``, default every one of ``nqcompile.PRESETS``) on a copy of the model
-  prepared by ``nqcompile.optimize(model, preset)``, with ``max_cache_len = T + every decode call run on it``, in
+  prepared by ``nqcompile.optimize(model, preset, tokenizer=tokenizer)``, with ``max_cache_len = T + every decode call run on it``, in
   mode ``eager`` and ``compiled`` (``torch.compile(model.forward, backend="nexusquant", fullgraph=True)``,
   ``--backend``). The two modes of a cache share one prefill: the compiled steps continue the cache (and the
   greedy text) the eager steps left.
@@ -70,7 +70,8 @@ from nqcompile.policy.registry import SCORERS
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # benchmarks/_common.py, also when a test loads this script by its path
     sys.path.insert(0, _HERE)
-from _common import failure, ints, markdown, names, parse_with_smoke, prefill, progress, time_calls  # noqa: E402
+from _common import byte_level_tokenizer, failure, ints, markdown, names, parse_with_smoke, prefill  # noqa: E402
+from _common import progress, time_calls  # noqa: E402
 from _common import write_json  # noqa: E402
 
 BASELINE = "DynamicCache"
@@ -121,17 +122,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, str]:
-    """``(model, prompt ids [1, max T], description)``: SmolLM2 (or ``--model``) in float32 and the first tokens of
-    *Persuasion*; with ``--smoke`` a seeded random 2-layer Llama and random tokens."""
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, torch.Tensor, str]:
+    """``(model, tokenizer, prompt ids [1, max T], description)``: SmolLM2 (or ``--model``) in float32 and the first
+    tokens of *Persuasion*; with ``--smoke`` a seeded random 2-layer Llama with a 256-id vocabulary read as bytes
+    (:func:`_common.byte_level_tokenizer`) and random tokens."""
     if args.smoke:
-        config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
         generator = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, config.vocab_size, (1, max(args.lengths)), generator=generator)
-        return model, ids, "random Llama, 2 layers x hidden 256 (--smoke), float32"
+        return model, byte_level_tokenizer(), ids, "random Llama, 2 layers x hidden 256 (--smoke), float32"
     from nqcompile.models import load_pretrained
 
     model, tokenizer = load_pretrained(args.model)
@@ -139,7 +141,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor,
     if len(tokens) < max(args.lengths):
         raise SystemExit(f"{PROMPT_TEXT} has {len(tokens)} tokens, fewer than T={max(args.lengths)}")
     name = args.model or "SmolLM2-135M-Instruct"
-    return model, torch.tensor([tokens[:max(args.lengths)]]), f"{name}, float32, prompt: {PROMPT_TEXT}"
+    return model, tokenizer, torch.tensor([tokens[:max(args.lengths)]]), f"{name}, float32, prompt: {PROMPT_TEXT}"
 
 
 def _log(message: str) -> None:
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: OMP_WAIT_POLICY is not PASSIVE: idle OpenMP threads spin and skew the timings on a shared "
               "machine; run with OMP_WAIT_POLICY=PASSIVE", flush=True)
     t0 = time.perf_counter()
-    base, prompt, description = load_model(args)
+    base, tokenizer, prompt, description = load_model(args)
     model = copy.deepcopy(base)  # nqcompile.optimize prepares this copy; the baseline runs the untouched model
     meta["model"] = description
     print(f"model: {description}, {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, loaded in "
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                                          bar)
                         reference = next((r for r in new if r["mode"] == "eager"), None)
                     else:
-                        nqcompile.optimize(model, preset)
+                        nqcompile.optimize(model, preset, tokenizer=tokenizer)
                         calls = sum(args.warmup + args.steps + (mode == "compiled") for mode in args.modes)
                         cache = nqcompile.NexusCache(model.config, preset, max_cache_len=T + calls)
                         new = cache_rows(model, cache, ids, preset, args.modes, args.backend, args, bar)

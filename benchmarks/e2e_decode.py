@@ -10,7 +10,8 @@ cache and mode (run in the order: every preset, then the two bf16 rows):
 * ``bf16 StaticCache``, the decode step compiled by Inductor with ``mode="reduce-overhead"`` (transformers'
   static cache, ``max_cache_len = T + every decode step``, preallocated for all of them: the fastest uncompressed
   cache transformers offers for decoding; ``--no-baseline`` skips both baselines);
-* ``NexusCache`` of each preset (``--presets``) after ``nqcompile.optimize(model, preset)``, built with
+* ``NexusCache`` of each preset (``--presets``) after ``nqcompile.optimize(model, preset, keep_line_breaks=False)``
+  (the random prompt is no text, so it has no line breaks to keep), built with
   ``max_cache_len = T + every decode step run on it``, in mode ``eager`` and ``compiled`` (the same decode
   step under ``torch.compile(backend=--backend, mode=--compile-mode, fullgraph=True)``: by default nqcompile's
   ``nexusquant`` backend with ``reduce-overhead``; ``--backend inductor`` is the default Inductor backend). The two
@@ -272,17 +273,17 @@ def preset_rows(model, ids: torch.Tensor, preset: str, args: argparse.Namespace)
     rows = [{"T": T, "cache": preset, "mode": mode} for mode in args.modes]
     calls = sum(args.warmup + args.steps + (mode == "compiled") for mode in args.modes)
     try:
-        nqcompile.optimize(model, preset)
+        nqcompile.optimize(model, preset, keep_line_breaks=False)  # random ids are no text: no line breaks to keep
         # A throwaway prefill of the first two chunks first: it builds the kernels (Triton compiles each on its first
         # launch, minutes on a fresh machine), so that prefill_s times the prefill, as compile_s is kept apart from
         # the compiled decode.
         warm = min(T, 2 * args.chunk)
-        warm_cache = nqcompile.NexusCache(model.config, preset, max_cache_len=warm)
+        warm_cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=warm)
         kernel_warmup_s = prefill(model, warm_cache, ids[:, :warm], args.chunk, f"T={T} {preset} kernel warm-up")
         del warm_cache
         _free(device)
         _reset_peak(device)
-        cache = nqcompile.NexusCache(model.config, preset, max_cache_len=T + calls)
+        cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=T + calls)
         prefill_s = prefill(model, cache, ids, args.chunk, f"T={T} {preset}")
         prefill_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     except Exception as err:  # noqa: BLE001

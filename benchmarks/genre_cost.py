@@ -194,7 +194,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], str]:
     """Every window through the exact cache, each cache and (``--per-layer``) each one-layer cache: the per-window
     records that ``--out`` writes, and the model's description."""
     model, tokenizer, description = load_model(args.model, args)
-    model = nqcompile.optimize(model, preset=next(iter(args.caches.values())))
+    model = nqcompile.optimize(model, preset=next(iter(args.caches.values())), tokenizer=tokenizer)
     windows = [(g, w) for g in args.genres
                for w in perplexity_windows(tokenizer, n_windows=args.windows, prefix=args.prefix,
                                            continuation=args.continuation, seed=args.seed, sources=GENRES[g])]

@@ -1,7 +1,7 @@
 """Byte ratio of every preset on a hybrid model against a full-attention one of the same size, from configs.
 
-Two random-weight models built from configs (no download), seeded, with a 256-token vocabulary (the vocabulary
-does not change what the cache holds):
+Two random-weight models built from configs (no download), seeded, with a 256-token vocabulary read as bytes
+(``_common.byte_level_tokenizer``; the vocabulary does not change what the cache holds):
 
 * ``smollm2``: SmolLM2-135M's shape (30 full-attention layers, 9 query / 3 KV heads, head_dim 64);
 * ``gemma3``: Gemma-3-270M's shape (18 layers, 5 of every 6 sliding-window layers with ``sliding_window=512``,
@@ -27,12 +27,16 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 import nqcompile
 from nqcompile.models import cache_kwarg_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import byte_level_tokenizer  # noqa: E402
 
 MODELS = {
     "smollm2": lambda: transformers.LlamaConfig(
@@ -52,7 +56,7 @@ def measure(kind: str, preset: str, args) -> dict:
     torch.manual_seed(args.seed)
     config = MODELS[kind]()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
-    nqcompile.optimize(model, preset)
+    nqcompile.optimize(model, preset, tokenizer=byte_level_tokenizer())  # one token per byte: 256 ids
     ids = torch.randint(1, 256, (1, args.prefix + args.continuation), generator=torch.Generator().manual_seed(1))
     cache = nqcompile.NexusCache(model.config, preset, max_cache_len=ids.shape[1])
     kw = {cache_kwarg_name(model): cache, "logits_to_keep": 1}

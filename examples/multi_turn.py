@@ -16,7 +16,7 @@ parser.add_argument("--model", default=None, help="local HuggingFace model folde
 args = parser.parse_args()
 
 model, tokenizer = load_pretrained(args.model)
-model = nqcompile.optimize(model, "balanced")
+model = nqcompile.optimize(model, "balanced", tokenizer=tokenizer)
 messages = [{"role": "user", "content": "Name three novels by Jane Austen."}]
 cache = None
 for follow_up in ("Which one came first?", None):

@@ -3,7 +3,7 @@
 Quick start::
 
     import nqcompile
-    model = nqcompile.optimize(model, "balanced")
+    model = nqcompile.optimize(model, "balanced", tokenizer=tokenizer)
     out = model.generate(input_ids, max_new_tokens=64)
 
 See :class:`NexusCache` for what is stored and :data:`PRESETS` for the named settings.

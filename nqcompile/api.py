@@ -43,8 +43,9 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", *, tok
         model: a decoder-only ``PreTrainedModel`` with rotary attention (``docs/models.md`` lists which attention
             features are honoured and which are refused).
         preset: a name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
-        tokenizer: the model's tokenizer; needed when the preset keeps line breaks (``keep_line_breaks``), whose
-            ids it gives the re-reading (:func:`~nqcompile.policy.line_breaks.line_break_ids`).
+        tokenizer: the model's tokenizer; needed when the preset evicts and keeps line breaks (``keep_line_breaks``:
+            ``"balanced"`` and ``"max"``), whose ids it gives the re-reading
+            (:func:`~nqcompile.policy.line_breaks.line_break_ids`).
         **overrides: :class:`~nqcompile.Preset` fields to change.
 
     Returns:
@@ -54,13 +55,14 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", *, tok
         ValueError: an attention feature the cache cannot honour, named in the message
             (:func:`~nqcompile.models.features.plan_layers`; a window shorter than a generation is refused by the
             cache that ``generate`` builds, once the length is known), learned attention-sink logits on an attention
-            module (``sinks``), unknown preset or field value; from ``generate``, before the prefill: the arguments
+            module (``sinks``), unknown preset or field value, a preset that evicts and keeps line breaks without a
+            ``tokenizer``; from ``generate``, before the prefill: the arguments
             :func:`_refuse_generate_arguments` lists.
         TypeError: from ``generate``: token ids that are not a tensor (a ``BatchEncoding``: pass its ``input_ids``).
     """
     chosen = get_preset(preset, **overrides)
     plan_layers(model.config, chosen, max_cache_len=None, check_windows=False)  # validates; allocates nothing
-    if chosen.keep_line_breaks and tokenizer is None:
+    if chosen.keep_line_breaks and chosen.eviction_ratio > 0 and tokenizer is None:
         raise ValueError(f"preset {chosen.name!r} keeps line breaks through eviction (keep_line_breaks=True), which "
                          "needs the tokenizer to find them: nqcompile.optimize(model, preset, tokenizer=tokenizer), "
                          "or pass keep_line_breaks=False")
@@ -266,8 +268,9 @@ def compress_kv_cache(cache: DynamicCache, preset: "str | Preset" = "asym", *, c
         usable = " or ".join(f"scorer={name!r}" for name, entry in SCORERS.items()
                              if not (entry.needs_queries or entry.needs_model))
         missing = "queries" if scorer.needs_queries else "model"
-        mass = " (with keep_mass=0: only the re-reading's scores are attention probabilities)" if chosen.keep_mass \
-            else ""
+        fields = [field for field, on in (("keep_mass=0", chosen.keep_mass),
+                                          ("keep_line_breaks=False", chosen.keep_line_breaks)) if on]
+        mass = f" (with {' and '.join(fields)}: they act on the re-reading's scores)" if fields else ""
         raise ValueError(f"compress_kv_cache has no {missing} to score tokens with scorer={chosen.scorer!r}; pass "
                          f"{usable}{mass} or eviction_ratio=0, or let an optimized model compress during its prefill")
     if chosen.relax_key_kl:

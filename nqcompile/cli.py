@@ -448,9 +448,9 @@ def _diff(args: argparse.Namespace) -> int:
                          "or fewer")
     preset = None if args.preset == "none" else args.preset
     if preset is not None:
-        print(f"preparing the model with nqcompile.optimize(model, {preset!r})", flush=True)
+        print(f"preparing the model with nqcompile.optimize(model, {preset!r}, tokenizer=tokenizer)", flush=True)
     result = graph_diff(model, preset, input_ids=torch.tensor([ids[: args.prompt_tokens]]), steps=args.steps,
-                        mode=args.mode, progress=lambda line: print(line, flush=True))
+                        mode=args.mode, tokenizer=tokenizer, progress=lambda line: print(line, flush=True))
     print()
     print(result.to_text())
     if args.html is not None:

@@ -336,12 +336,14 @@ PRESETS: dict[str, Preset] = {
     # drop repeated digits of a needle (benchmarks/README.md). balanced evicts 0.64 at most: it keeps the tokens
     # carrying 97% of the scores' mass where 36% do not (Gemma 3's three global layers; on SmolLM2 36% carry
     # about 98%, so 0.64 holds there: benchmarks/README.md, "Why balanced collapsed on Gemma-3-270M"). The 256 newest
-    # kept tokens stay at 4 bits, as in quant_only (benchmarks/README.md, "Sinks and window in 16 bits").
+    # kept tokens stay at 4 bits, as in quant_only (benchmarks/README.md, "Sinks and window in 16 bits"). Both keep
+    # every line break (the re-reading ranks them low, yet hard-wrapped text predicts its line ends from them:
+    # benchmarks/README.md, "Line breaks"), so optimize() needs the tokenizer for them.
     "balanced": Preset(name="balanced", key_bits=4, value_bits=2, key_norm="mean", relax_key_kl=0.03,
-                       eviction_ratio=0.64, scorer="reconstruction", keep_mass=0.97, pooling_kernel=1,
-                       warm_tokens=256),
+                       eviction_ratio=0.64, scorer="reconstruction", keep_mass=0.97, keep_line_breaks=True,
+                       pooling_kernel=1, warm_tokens=256),
     "max": Preset(name="max", key_bits=2, value_bits=2, eviction_ratio=0.75, scorer="reconstruction",
-                  pooling_kernel=1),
+                  keep_line_breaks=True, pooling_kernel=1),
 }
 
 

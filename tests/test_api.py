@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import nqcompile
-from tiny_models import tiny_model
+from tiny_models import byte_level_tokenizer, tiny_model
 
 
 def _decode(model, cache, tokens):
@@ -16,7 +16,7 @@ def _decode(model, cache, tokens):
 
 
 def test_compress_kv_cache_exact_continues_like_the_dynamic_cache():
-    model = nqcompile.optimize(tiny_model("llama"), "balanced")
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", tokenizer=byte_level_tokenizer())
     gen = torch.Generator().manual_seed(0)
     prompt, more = torch.randint(1, 256, (2, 50), generator=gen), torch.randint(1, 256, (2, 20), generator=gen)
     with torch.no_grad():
@@ -34,19 +34,21 @@ def test_compress_kv_cache_exact_continues_like_the_dynamic_cache():
 
 @pytest.mark.parametrize("scorer", ["key_norm", "key_diff"])
 def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
-    model = nqcompile.optimize(tiny_model("qwen2"), "balanced")
+    model = nqcompile.optimize(tiny_model("qwen2"), "balanced", tokenizer=byte_level_tokenizer())
     prompt = torch.randint(1, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         src = DynamicCache()
         model(prompt, past_key_values=src)
         with pytest.raises(ValueError, match="no queries"):
-            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation", keep_mass=0)
-        with pytest.raises(ValueError, match=r"scorer='reconstruction'.*scorer='key_diff' \(with keep_mass=0"):
+            nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation", keep_mass=0,
+                                        keep_line_breaks=False)
+        with pytest.raises(ValueError, match=r"scorer='reconstruction'.*scorer='key_diff' \(with keep_mass=0 and keep_line_breaks=False"):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config)
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)
         assert nqcompile.compress_kv_cache(src, config=model.config).preset.name == "asym"  # the default works
         cache = nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer=scorer, keep_mass=0,
+                                            keep_line_breaks=False,
                                             relax_key_kl=0, recent_window=16, min_evict_tokens=0,
                                             warm_tokens=0)  # every kept token past the window in the codes
         kept = round(200 * (1 - nqcompile.PRESETS["balanced"].eviction_ratio)) - 4
@@ -79,7 +81,8 @@ def test_generate_rereads_each_long_turn_and_matches_reconstructing_by_hand():
     """Through generate (left-padded batch, two turns) the hook re-reads every chunk long enough to evict from,
     and the result equals calling NexusCache.reconstruct after a plain forward."""
     # warm_tokens=0: every kept token past the window lands in the codes this test compares
-    opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0, warm_tokens=0)
+    # keep_line_breaks=False: reconstruct() by hand is given no line breaks to keep
+    opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0, warm_tokens=0, keep_line_breaks=False)
     model = nqcompile.optimize(tiny_model("llama"), "balanced", **opts)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 256, (2, 150), generator=gen)
@@ -133,7 +136,7 @@ def test_generate_re_reads_for_a_model_whose_config_has_layer_types():
     # keep_mass=0: a random model's attention is spread, so 97% of its mass would keep nearly every token
     # (warm_tokens=0: every kept token past the window lands in the codes)
     model = nqcompile.optimize(tiny_model("qwen2"), "balanced", min_evict_tokens=32, recent_window=16, keep_mass=0,
-                               warm_tokens=0)
+                               warm_tokens=0, tokenizer=byte_level_tokenizer())
     ids = torch.randint(1, 256, (2, 90), generator=torch.Generator().manual_seed(6))
     out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values

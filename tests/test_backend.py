@@ -15,7 +15,7 @@ import nqcompile
 import nqcompile.eval
 from nqcompile.models import load_pretrained
 from nqcompile.compile import report as nexus_report
-from tiny_models import greedy_tokens, tiny_model
+from tiny_models import byte_level_tokenizer, greedy_tokens, tiny_model
 
 STEPS = 16
 
@@ -82,7 +82,7 @@ def test_compiling_the_whole_model_decodes_like_eager_in_one_graph(route):
     """The prefill (a plan step) runs eagerly inside the compiled model; the 64 decode steps run one fused graph with
     no break and no recompile."""
     model = nqcompile.optimize(tiny_model("llama"), "balanced", recent_window=16, warm_tokens=32, min_evict_tokens=32,
-                               relax_key_kl=0)
+                               relax_key_kl=0, tokenizer=byte_level_tokenizer())
     ids = torch.randint(1, 256, (1, 90), generator=torch.Generator().manual_seed(5))
     eager, _, _ = _decode_tokens(model, ids, model, 64)
     if route == "model.compile()":
@@ -114,7 +114,7 @@ def test_generate_with_compile_config_uses_the_backend():
 @pytest.mark.slow
 def test_smollm2_every_attention_layer_is_rewritten_and_decodes_like_eager():
     model, tokenizer = load_pretrained()
-    nqcompile.optimize(model, "balanced")
+    nqcompile.optimize(model, "balanced", tokenizer=tokenizer)
     ids = tokenizer(nqcompile.eval.read_data_text("prompt.txt"), return_tensors="pt").input_ids[:, :1024]
     eager, _, _ = _decode_tokens(model, ids, model.forward, 64)
     step = torch.compile(model.forward, backend="nexusquant", fullgraph=True)  # decode only: prefill is eager

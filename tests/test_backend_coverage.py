@@ -18,7 +18,7 @@ PROMPT = 100
 STEPS = 32
 # A 16-token window and a 32-token warm tier flush several times in 32 steps; a 32-token minimum evicts from the
 # prompt. Fixed key bits: the test is about the compiled graph, not the relax trial.
-SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
+SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0, keep_line_breaks=False)
 
 
 pytestmark = pytest.mark.usefixtures("no_recompiles")

@@ -13,7 +13,7 @@ from nqcompile.cache import NexusLayer
 from tiny_models import prefill_and_decode, tiny_model
 
 SMALL = dict(sink_tokens=4, recent_window=16, observation_window=8, min_evict_tokens=0, warm_tokens=0, relax_key_kl=0.0,
-             scorer="key_diff", keep_mass=0.0, pooling_kernel=7)
+             scorer="key_diff", keep_mass=0.0, keep_line_breaks=False, pooling_kernel=7)
 WARM = dict(SMALL, warm_tokens=32)  # a warm tier of 32 tokens at 4 bits
 RECON = dict(SMALL, scorer="reconstruction", pooling_kernel=1)  # KVzip scores, one budget for all layers
 RECON_MASS = dict(RECON, keep_mass=0.6)  # ... which the model raises (a random model's attention is spread)

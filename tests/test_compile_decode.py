@@ -15,7 +15,7 @@ from tiny_models import greedy_tokens, tiny_model
 STEPS = 64
 # A 16-token window and a 32-token warm tier flush several times in 64 steps; a 32-token minimum evicts from the
 # prompt. Fixed key bits: the test is about shapes, not the relax trial.
-SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
+SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0, keep_line_breaks=False)
 
 
 pytestmark = pytest.mark.usefixtures("no_recompiles")

@@ -13,7 +13,7 @@ from nqcompile.compile.diff import ARTIFACT_NAME, site_outcomes
 from tiny_models import save_tiny_model_with_tokenizer, tiny_model
 
 # Small enough for the tiny models' 40-token prompts to evict and flush (see test_compile_decode.py).
-SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
+SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0, keep_line_breaks=False)
 STATUSES = {"rewritten", "fused", "left alone"}
 
 
@@ -145,8 +145,8 @@ def test_cli_diff_reports_a_missing_model_folder(tmp_path, capsys):
 def test_diff_lists_the_30_attention_sites_of_smollm2(tmp_path):
     from nqcompile.models import load_pretrained
 
-    model, _ = load_pretrained()
-    diff = graph_diff(model, "balanced", prompt_tokens=64, steps=2)
+    model, tokenizer = load_pretrained()
+    diff = graph_diff(model, "balanced", prompt_tokens=64, steps=2, tokenizer=tokenizer)
     _check_structure(diff, 30, "dequant_attention", tmp_path)
     (report,) = diff.reports
     assert report.pass_counts["fuse_flush_attention"] == 30

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import nqcompile
-from tiny_models import tiny_model
+from tiny_models import byte_level_tokenizer, tiny_model
 
 
 def test_encoder_decoder_is_rejected():
@@ -49,7 +49,7 @@ def test_unknown_preset_and_bits():
 
 
 def test_cache_past_its_capacity():
-    model = nqcompile.optimize(tiny_model("llama"), "balanced")
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", tokenizer=byte_level_tokenizer())
     cache = nqcompile.NexusCache(model.config, "balanced", max_cache_len=40)
     with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=40"):
         model(torch.ones(1, 41, dtype=torch.long), past_key_values=cache)
@@ -64,7 +64,8 @@ def test_cache_past_its_capacity():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_generate_keeps_the_model_dtype(dtype):
-    model = nqcompile.optimize(tiny_model("llama", dtype=dtype), "balanced", sink_tokens=4, recent_window=16)
+    model = nqcompile.optimize(tiny_model("llama", dtype=dtype), "balanced", sink_tokens=4, recent_window=16,
+                               tokenizer=byte_level_tokenizer())
     ids = torch.randint(1, 256, (1, 80), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     assert model.dtype == dtype and all(p.dtype == dtype for p in model.parameters())
@@ -77,7 +78,7 @@ def test_generate_keeps_the_model_dtype(dtype):
 
 def test_reconstruction_needs_token_ids():
     model = nqcompile.optimize(tiny_model("llama"), "balanced", scorer="reconstruction", min_evict_tokens=0,
-                               recent_window=16)
+                               recent_window=16, tokenizer=byte_level_tokenizer())
     cache = nqcompile.NexusCache(model.config, model.nqcompile_preset)
     embeds = model.get_input_embeddings()(torch.randint(1, 256, (1, 60)))
     with torch.no_grad(), pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
@@ -90,7 +91,8 @@ def test_reconstruction_past_the_length_where_longrope_changes_frequencies():
         num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=256, pad_token_id=0,
         rope_scaling={"type": "longrope", "short_factor": [1.0] * 32, "long_factor": [4.0] * 32})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    nqcompile.optimize(model, "balanced", min_evict_tokens=0, recent_window=16, relax_key_kl=0)
+    nqcompile.optimize(model, "balanced", min_evict_tokens=0, recent_window=16, relax_key_kl=0,
+                       tokenizer=byte_level_tokenizer())
     cache = nqcompile.NexusCache(model.config, model.nqcompile_preset)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="longrope rope beyond"):
         model(torch.randint(1, 256, (1, 200)), past_key_values=cache)  # re-read at positions 200-399

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import nqcompile
 from nqcompile.policy.line_breaks import line_break_ids
-from tiny_models import tiny_model
-
-_QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-
-
-def _byte_level_tokenizer():
-    """The quality benchmark's 256-id byte-level tokenizer (one token per byte), built offline."""
-    spec = importlib.util.spec_from_file_location("quality", _QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.byte_level_tokenizer()
+from tiny_models import byte_level_tokenizer, tiny_model
 
 
 def test_line_break_ids_are_the_bytes_of_a_line_break():
     """In a byte-level vocabulary the ids holding a line break are exactly those of bytes 0x0A and 0x0D."""
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     expected = sorted(tokenizer.convert_tokens_to_ids([chr(0x10A), chr(0x10D)]))  # GPT-2's byte-to-unicode map
     assert line_break_ids(tokenizer).tolist() == expected
 
@@ -53,7 +40,7 @@ def _kept_positions(cache) -> list[set[int]]:
 def test_every_evicting_layer_keeps_every_line_break_of_the_chunk(keep):
     """With keep_line_breaks every line break outside the sinks and window stays in every evicting layer's codes;
     without it the same prefill evicts some (so the rule is what keeps them)."""
-    tokenizer = _byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     # keep_mass=0: the budget is the 36% that eviction_ratio leaves, whatever random weights spread the scores
     opts = dict(recent_window=16, min_evict_tokens=64, relax_key_kl=0, warm_tokens=0, keep_mass=0,
                 keep_line_breaks=keep)
@@ -73,14 +60,22 @@ def test_every_evicting_layer_keeps_every_line_break_of_the_chunk(keep):
         assert any(not middle <= layer for layer in kept)
 
 
+@pytest.mark.parametrize("preset", ["balanced", "max"])
+def test_evicting_presets_keep_line_breaks_and_need_the_tokenizer(preset):
+    assert nqcompile.PRESETS[preset].keep_line_breaks
+    with pytest.raises(ValueError, match=r"needs the tokenizer.*tokenizer=tokenizer\), or pass keep_line_breaks=False"):
+        nqcompile.optimize(tiny_model("llama"), preset)
+    nqcompile.optimize(tiny_model("llama"), preset, eviction_ratio=0)  # nothing evicted: no line breaks to keep
+
+
 def test_keeping_line_breaks_needs_the_tokenizer_and_a_reconstruction_scorer():
     with pytest.raises(ValueError, match=r"needs the tokenizer.*tokenizer=tokenizer"):
         nqcompile.optimize(tiny_model("llama"), "balanced", keep_line_breaks=True)
     with pytest.raises(ValueError, match=r"scorer='observation' does not compute"):
         nqcompile.get_preset("balanced", scorer="observation", keep_mass=0, keep_line_breaks=True)
     # A cache that keeps line breaks on a model prepared without a tokenizer: refused at the re-reading.
-    model = nqcompile.optimize(tiny_model("llama"), "balanced", min_evict_tokens=64)
-    cache = nqcompile.NexusCache(model.config, "balanced", min_evict_tokens=64, keep_line_breaks=True,
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", min_evict_tokens=64, keep_line_breaks=False)
+    cache = nqcompile.NexusCache(model.config, "balanced", min_evict_tokens=64,
                                  max_cache_len=200)
     with pytest.raises(ValueError, match=r"keeps line breaks.*optimize\(model, preset, tokenizer=tokenizer\)"):
         with torch.no_grad():
@@ -89,7 +84,7 @@ def test_keeping_line_breaks_needs_the_tokenizer_and_a_reconstruction_scorer():
 
 
 def test_reconstruct_refuses_a_keep_mask_of_another_shape():
-    model = nqcompile.optimize(tiny_model("llama"), "balanced", min_evict_tokens=64)
+    model = nqcompile.optimize(tiny_model("llama"), "balanced", min_evict_tokens=64, tokenizer=byte_level_tokenizer())
     model._nqcompile_reconstruct_hook.remove()
     cache = nqcompile.NexusCache(model.config, "balanced", min_evict_tokens=64, max_cache_len=200)
     ids = torch.randint(1, 256, (1, 128))

@@ -17,7 +17,7 @@ from nqcompile.compile.passes.fuse_flush_attention import CUDAGRAPH_REASON
 from nqcompile.ops.fused import cache_attention
 from tiny_models import greedy_tokens, tiny_model
 
-SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0)
+SMALL = dict(recent_window=16, warm_tokens=32, min_evict_tokens=32, relax_key_kl=0, keep_line_breaks=False)
 STEPS = 24
 
 

@@ -13,6 +13,7 @@ import nqcompile
 from nqcompile.cache import NexusLayer, SlidingLayer
 from nqcompile.cache.sliding import ring_capacity
 from nqcompile.models import cache_kwarg_name
+from tiny_models import byte_level_tokenizer
 
 EXACT = dict(key_bits=None, value_bits=None, eviction_ratio=0.0, relax_key_kl=0.0, warm_tokens=0)
 WINDOW = 24
@@ -114,7 +115,7 @@ def test_a_replayed_continuation_equals_its_decode_steps_through_the_ring():
 def test_every_preset_runs_a_hybrid_model_by_default(preset):
     """No option needed: generate through every preset; each sliding layer holds (ring slots filled plus window) the
     tokens its window shows, quantized when the preset quantizes, never evicted."""
-    model = nqcompile.optimize(_gemma(), preset)
+    model = nqcompile.optimize(_gemma(), preset, tokenizer=byte_level_tokenizer())
     out = model.generate(_ids(300), max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     assert out.sequences.shape[1] == 308

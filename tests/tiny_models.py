@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import transformers
+
+_BENCHMARK_HELPERS = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
 
 _CONFIGS = {
     # Llama: GQA 2 query / 1 KV head, head_dim 64.
@@ -119,3 +124,12 @@ def greedy_tokens(model, ids: torch.Tensor, step, steps: int) -> list[int]:
             token = step(token, **kw).logits[:, -1:].argmax(-1)
             tokens.append(int(token))
     return tokens
+
+
+def byte_level_tokenizer():
+    """The benchmarks' 256-id byte-level tokenizer (one token per byte, built offline): the tokenizer of every tiny
+    model here (their vocabularies have 256 ids), for presets that keep line breaks."""
+    spec = importlib.util.spec_from_file_location("_common", _BENCHMARK_HELPERS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.byte_level_tokenizer()

@@ -360,7 +360,7 @@ def _pass_counts(report: CompileReport) -> str:
 
 def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor | None = None,
                prompt_tokens: int = 64, steps: int = 4, mode: str | None = None,
-               options: dict[str, Any] | None = None,
+               options: dict[str, Any] | None = None, tokenizer=None,
                progress: Callable[[str], None] | None = None) -> GraphDiff:
     """Compile a model's decode step with the ``nexusquant`` backend and report what it did to every graph.
 
@@ -373,7 +373,8 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
 
     * a model prepared by :func:`nqcompile.optimize` (it has ``nqcompile_preset``): a
       :class:`~nqcompile.NexusCache` with the model's own preset; ``preset`` must then be None or that preset;
-    * an unprepared model and a ``preset``: the model is prepared here with ``nqcompile.optimize(model, preset)``
+    * an unprepared model and a ``preset``: the model is prepared here with ``nqcompile.optimize(model, preset,
+      tokenizer=tokenizer)``
       (in place, as ``optimize`` does; ``GraphDiff.prepared_here`` says so), then as above;
     * an unprepared model and ``preset=None``: a plain ``DynamicCache``; the sites are listed and left alone
       (the backend also warns, once per process, naming ``nqcompile.optimize``).
@@ -386,6 +387,8 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
         prompt_tokens: prompt length when ``input_ids`` is not given (>= 1).
         steps: decode steps to compile and run (>= 1).
         mode, options: ``torch.compile``'s ``mode`` and ``options``, handed to the backend.
+        tokenizer: the model's tokenizer, for a preset that keeps line breaks (``"balanced"``, ``"max"``) on an
+            unprepared model (:func:`nqcompile.optimize` needs it).
         progress: called with a short line before the prefill, before the compiled steps and after them (e.g.
             ``print``).
 
@@ -394,8 +397,8 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
 
     Raises:
         ValueError: ``steps`` or ``prompt_tokens`` below 1, ``input_ids`` not 2-D, or a ``preset`` that differs
-            from the one a prepared model already has; from :func:`nqcompile.optimize`: an unsupported model or
-            unknown preset.
+            from the one a prepared model already has; from :func:`nqcompile.optimize`: an unsupported model, an
+            unknown preset, or a preset that keeps line breaks without ``tokenizer``.
         TypeError: ``preset`` neither a name, a :class:`~nqcompile.Preset` nor None.
     """
     from ..api import optimize
@@ -411,7 +414,7 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
         raise ValueError(f"the model was prepared with preset {chosen.name!r}; pass preset=None to use it, or "
                          "call nqcompile.optimize(model, preset) first to change it")
     if chosen is None and preset is not None:
-        optimize(model, preset)
+        optimize(model, preset, tokenizer=tokenizer)
         chosen, prepared_here = model.nqcompile_preset, True
     device = next(model.parameters()).device
     if input_ids is None:
