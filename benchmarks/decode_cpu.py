@@ -10,9 +10,9 @@ mode:
   default Inductor backend (a DynamicCache grows every step: Dynamo compiles a second, dynamic-length graph at the
   second call, which the warm-up absorbs);
 * ``NexusCache`` of each preset (``--presets``, default every one of ``nqcompile.PRESETS``) on a copy of the model
-  prepared by ``nqcompile.optimize(model, preset, tokenizer=tokenizer)``, with ``max_cache_len = T + every decode call run on it``, in
-  mode ``eager`` and ``compiled`` (``torch.compile(model.forward, backend="nexusquant", fullgraph=True)``,
-  ``--backend``). The two modes of a cache share one prefill: the compiled steps continue the cache (and the
+  prepared by ``nqcompile.optimize(model, preset, tokenizer=tokenizer)``, with ``max_cache_len = T + every decode
+  call run on it``, in mode ``eager`` and ``compiled`` (``torch.compile(model.forward, backend="nexusquant",
+  fullgraph=True)``, ``--backend``). The two modes of a cache share one prefill: the compiled steps continue the cache (and the
   greedy text) the eager steps left.
 
 Measured per row:

@@ -100,8 +100,9 @@ class Preset:
             needs more tokens keeps more. 0 disables: ``eviction_ratio`` alone sets the budget.
         keep_line_breaks: with ``scorer="reconstruction"``, every prefill token whose text holds a line break gets
             the highest score (1.0, also counted by ``keep_mass``), so each chunk keeps its line breaks first
-            (:mod:`nqcompile.policy.line_breaks`; hard-wrapped text predicts its line ends from them). Needs the
-            tokenizer: :func:`nqcompile.optimize` takes it as ``tokenizer=``.
+            (:mod:`nqcompile.policy.line_breaks`; hard-wrapped text predicts its line ends from them). On in
+            ``"balanced"`` and ``"max"``. Needs the tokenizer when the preset evicts: :func:`nqcompile.optimize` takes
+            it as ``tokenizer=``.
         observation_window: number of last queries of a chunk whose attention scores tokens.
         min_evict_tokens: a prefill chunk with fewer new tokens than this is quantized but not evicted: a
             short follow-up (a question, a chat turn) saves little memory, and evicting from it (and from

@@ -374,8 +374,7 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
     * a model prepared by :func:`nqcompile.optimize` (it has ``nqcompile_preset``): a
       :class:`~nqcompile.NexusCache` with the model's own preset; ``preset`` must then be None or that preset;
     * an unprepared model and a ``preset``: the model is prepared here with ``nqcompile.optimize(model, preset,
-      tokenizer=tokenizer)``
-      (in place, as ``optimize`` does; ``GraphDiff.prepared_here`` says so), then as above;
+      tokenizer=tokenizer)`` (in place, as ``optimize`` does; ``GraphDiff.prepared_here`` says so), then as above;
     * an unprepared model and ``preset=None``: a plain ``DynamicCache``; the sites are listed and left alone
       (the backend also warns, once per process, naming ``nqcompile.optimize``).
 
