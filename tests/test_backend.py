@@ -59,14 +59,12 @@ def test_unprepared_model_compiles_unchanged_with_one_warning_naming_optimize():
 
 
 def _decode_tokens(model, ids, call, steps: int, prefill=None):
-    """Prefill ``ids`` through ``prefill`` (default ``call``; re-reading when the preset asks for it), then ``steps``
-    greedy steps through ``call``. The first step compiles; the later ones run with Dynamo's
-    ``error_on_recompile``. Returns the tokens and the graph breaks and graphs the later steps added."""
+    """Prefill ``ids`` through ``prefill`` (default ``call``; a module, so that ``optimize``'s hook re-reads the prompt
+    when the preset asks for it, line breaks kept), then ``steps`` greedy steps through ``call``. The first step
+    compiles; the later ones run with Dynamo's ``error_on_recompile``. Returns the tokens and the graph breaks and graphs the later steps added."""
     cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + steps + 1)
     with torch.no_grad():
         token = (prefill or call)(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-        if cache.awaiting_reconstruction:  # model.forward bypasses the module's re-reading hook
-            cache.reconstruct(model, ids)
         token = call(token, past_key_values=cache).logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
@@ -116,7 +114,7 @@ def test_smollm2_every_attention_layer_is_rewritten_and_decodes_like_eager():
     model, tokenizer = load_pretrained()
     nqcompile.optimize(model, "balanced", tokenizer=tokenizer)
     ids = tokenizer(nqcompile.eval.read_data_text("prompt.txt"), return_tensors="pt").input_ids[:, :1024]
-    eager, _, _ = _decode_tokens(model, ids, model.forward, 64)
+    eager, _, _ = _decode_tokens(model, ids, model.forward, 64, prefill=model)
     step = torch.compile(model.forward, backend="nexusquant", fullgraph=True)  # decode only: prefill is eager
     compiled, breaks, graphs = _decode_tokens(model, ids, step, 64, prefill=model)
     assert compiled == eager and breaks == 0 and graphs == 0
