@@ -63,7 +63,7 @@ def test_a_cache_without_max_cache_len_is_not_compileable():
 @pytest.mark.parametrize("preset", ["quant_only", "balanced"])
 def test_compiled_decode_on_smollm2(preset):
     model, tokenizer = load_pretrained()
-    nqcompile.optimize(model, preset)
+    nqcompile.optimize(model, preset, tokenizer=tokenizer)
     text = nqcompile.eval.read_data_text("prompt.txt")
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
 

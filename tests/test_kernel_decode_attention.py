@@ -389,7 +389,8 @@ def test_generation_on_gpu_runs_the_kernel_and_decodes_like_the_reference(preset
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny_models import prefill_and_decode, tiny_model
 
-    opts = dict(sink_tokens=4, recent_window=16, warm_tokens=32, min_evict_tokens=0, relax_key_kl=0.0)
+    opts = dict(sink_tokens=4, recent_window=16, warm_tokens=32, min_evict_tokens=0, relax_key_kl=0.0,
+                keep_line_breaks=False)
     ids = torch.randint(1, 256, (2, 150), generator=torch.Generator().manual_seed(1)).cuda()
     calls = []
     kernel_op = K.e8_decode_attention
