@@ -43,8 +43,8 @@ def optimize(model: torch.nn.Module, preset: "str | Preset" = "balanced", *, tok
         model: a decoder-only ``PreTrainedModel`` with rotary attention (``docs/models.md`` lists which attention
             features are honoured and which are refused).
         preset: a name from :data:`nqcompile.PRESETS` or a :class:`~nqcompile.Preset`.
-        tokenizer: the model's tokenizer; needed when the preset evicts and keeps line breaks (``keep_line_breaks``:
-            ``"balanced"`` and ``"max"``), whose ids it gives the re-reading
+        tokenizer: the model's tokenizer; needed when the preset evicts and keeps line breaks (``keep_line_breaks``,
+            as ``"balanced"`` does), whose ids it gives the re-reading
             (:func:`~nqcompile.policy.line_breaks.line_break_ids`).
         **overrides: :class:`~nqcompile.Preset` fields to change.
 

@@ -101,7 +101,7 @@ class Preset:
         keep_line_breaks: with ``scorer="reconstruction"``, every prefill token whose text holds a line break gets
             the highest score (1.0, also counted by ``keep_mass``), so each chunk keeps its line breaks first
             (:mod:`nqcompile.policy.line_breaks`; hard-wrapped text predicts its line ends from them). On in
-            ``"balanced"`` and ``"max"``. Needs the tokenizer when the preset evicts: :func:`nqcompile.optimize` takes
+            ``"balanced"``. Needs the tokenizer when the preset evicts: :func:`nqcompile.optimize` takes
             it as ``tokenizer=``.
         observation_window: number of last queries of a chunk whose attention scores tokens.
         min_evict_tokens: a prefill chunk with fewer new tokens than this is quantized but not evicted: a
@@ -337,14 +337,15 @@ PRESETS: dict[str, Preset] = {
     # drop repeated digits of a needle (benchmarks/README.md). balanced evicts 0.64 at most: it keeps the tokens
     # carrying 97% of the scores' mass where 36% do not (Gemma 3's three global layers; on SmolLM2 36% carry
     # about 98%, so 0.64 holds there: benchmarks/README.md, "Why balanced collapsed on Gemma-3-270M"). The 256 newest
-    # kept tokens stay at 4 bits, as in quant_only (benchmarks/README.md, "Sinks and window in 16 bits"). Both keep
-    # every line break (the re-reading ranks them low, yet hard-wrapped text predicts its line ends from them:
-    # benchmarks/README.md, "Line breaks"), so optimize() needs the tokenizer for them.
+    # kept tokens stay at 4 bits, as in quant_only (benchmarks/README.md, "Sinks and window in 16 bits"). balanced
+    # keeps every line break (the re-reading ranks them low, yet hard-wrapped text predicts its line ends from them),
+    # so optimize() needs the tokenizer; max does not: in its fixed 25% they crowd out other tokens and cost more than
+    # they save (benchmarks/README.md, "Line breaks").
     "balanced": Preset(name="balanced", key_bits=4, value_bits=2, key_norm="mean", relax_key_kl=0.03,
                        eviction_ratio=0.64, scorer="reconstruction", keep_mass=0.97, keep_line_breaks=True,
                        pooling_kernel=1, warm_tokens=256),
     "max": Preset(name="max", key_bits=2, value_bits=2, eviction_ratio=0.75, scorer="reconstruction",
-                  keep_line_breaks=True, pooling_kernel=1),
+                  pooling_kernel=1),
 }
 
 

@@ -386,7 +386,7 @@ def graph_diff(model: torch.nn.Module, preset=None, *, input_ids: torch.Tensor |
         prompt_tokens: prompt length when ``input_ids`` is not given (>= 1).
         steps: decode steps to compile and run (>= 1).
         mode, options: ``torch.compile``'s ``mode`` and ``options``, handed to the backend.
-        tokenizer: the model's tokenizer, for a preset that keeps line breaks (``"balanced"``, ``"max"``) on an
+        tokenizer: the model's tokenizer, for a preset that keeps line breaks (``"balanced"``) on an
             unprepared model (:func:`nqcompile.optimize` needs it).
         progress: called with a short line before the prefill, before the compiled steps and after them (e.g.
             ``print``).
