@@ -12,8 +12,8 @@ mode:
 * ``NexusCache`` of each preset (``--presets``, default every one of ``nqcompile.PRESETS``) on a copy of the model
   prepared by ``nqcompile.optimize(model, preset, tokenizer=tokenizer)``, with ``max_cache_len = T + every decode
   call run on it``, in mode ``eager`` and ``compiled`` (``torch.compile(model.forward, backend="nexusquant",
-  fullgraph=True)``, ``--backend``). The two modes of a cache share one prefill: the compiled steps continue the cache (and the
-  greedy text) the eager steps left.
+  fullgraph=True)``, ``--backend``). The two modes of a cache share one prefill: the compiled steps continue the
+  cache (and the greedy text) the eager steps left.
 
 Measured per row:
 

@@ -42,7 +42,8 @@ def test_compress_kv_cache_quantizes_and_evicts_without_queries(scorer):
         with pytest.raises(ValueError, match="no queries"):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config, scorer="observation", keep_mass=0,
                                         keep_line_breaks=False)
-        with pytest.raises(ValueError, match=r"scorer='reconstruction'.*scorer='key_diff' \(with keep_mass=0 and keep_line_breaks=False"):
+        with pytest.raises(ValueError, match=r"scorer='reconstruction'.*scorer='key_diff' "
+                                             r"\(with keep_mass=0 and keep_line_breaks=False"):
             nqcompile.compress_kv_cache(src, "balanced", config=model.config)
         with pytest.raises(ValueError, match="relax_key_kl=0"):
             nqcompile.compress_kv_cache(src, "quant_only", config=model.config, relax_key_kl=0.01)

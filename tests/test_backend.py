@@ -61,7 +61,8 @@ def test_unprepared_model_compiles_unchanged_with_one_warning_naming_optimize():
 def _decode_tokens(model, ids, call, steps: int, prefill=None):
     """Prefill ``ids`` through ``prefill`` (default ``call``; a module, so that ``optimize``'s hook re-reads the prompt
     when the preset asks for it, line breaks kept), then ``steps`` greedy steps through ``call``. The first step
-    compiles; the later ones run with Dynamo's ``error_on_recompile``. Returns the tokens and the graph breaks and graphs the later steps added."""
+    compiles; the later ones run with Dynamo's ``error_on_recompile``. Returns the tokens and the graph breaks and
+    graphs the later steps added."""
     cache = nqcompile.NexusCache(model.config, model.nqcompile_preset, max_cache_len=ids.shape[1] + steps + 1)
     with torch.no_grad():
         token = (prefill or call)(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
