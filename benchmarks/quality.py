@@ -138,7 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--windows must be >= 0; --prefix, --continuation and --needle-lengths positive")
     caches = build_caches(p, args.presets, args.custom, BASELINE)
     if args.compress_layers:
-        caches = {name: preset.replace(compress_layers=args.compress_layers) for name, preset in caches.items()}
+        try:
+            caches = {name: preset.replace(compress_layers=args.compress_layers) for name, preset in caches.items()}
+        except ValueError as err:
+            p.error(f"--compress-layers {args.compress_layers}: {err}")
     args.caches = caches
     return args
 

@@ -139,6 +139,13 @@ class Preset:
             (``None``: exact) and never evicted.
         boundary_bits: bits for the boundary layers' keys and values (one the codec offers), or ``None`` for exact
             storage.
+        sliding_bits: bits for the keys and values of a hybrid model's sliding-window layers (one the codec offers),
+            or ``None`` for the preset's ``key_bits`` / ``value_bits``. As in boundary layers, ``relax_key_kl``
+            applies only where these equal the preset's bits; a sliding-window layer that is also a boundary layer
+            takes ``boundary_bits``. Every token a sliding-window layer holds is recent (its last
+            ``sliding_window - 1``), the tokens a full-attention layer keeps in its warm tier: on Gemma 3 270M,
+            ``quant_only`` with ``sliding_bits=4`` costs +0.80% (every genre under +1.5%) at 4.00x, against +1.86%
+            at 4.50x (``benchmarks/README.md``, "Hybrid models"). Needs ``compress_layers="all"``.
         compress_layers: ``"all"``: sliding-window layers of hybrid models hold their window as codes (exact recent
             tokens and a ring of code blocks at the layer's bits; no sinks, warm tier or eviction there:
             :mod:`nqcompile.cache.sliding`); ``"global_only"`` leaves sliding-window and chunked layers as
@@ -172,6 +179,7 @@ class Preset:
     layer_budget: str = "uniform"
     boundary_layers: int = 0
     boundary_bits: int | None = None
+    sliding_bits: int | None = None
     compress_layers: str = "all"
     version: int = 2
 
@@ -183,7 +191,7 @@ class Preset:
             )
         _choice("codec", self.codec, tuple(CODECS))
         offered = CODECS[self.codec].bits
-        for fname in ("key_bits", "value_bits", "boundary_bits", "warm_bits"):
+        for fname in ("key_bits", "value_bits", "boundary_bits", "sliding_bits", "warm_bits"):
             bits = getattr(self, fname)
             if bits is not None and bits not in offered:
                 raise ValueError(f"{fname}={bits!r} is not offered by codec={self.codec!r}; choose one of {offered} "
@@ -206,6 +214,10 @@ class Preset:
                              f"scorer={self.scorer!r} does not compute; use scorer='reconstruction' or "
                              "keep_line_breaks=False")
         _choice("compress_layers", self.compress_layers, ("all", "global_only"))
+        if self.sliding_bits is not None and self.compress_layers != "all":
+            raise ValueError(f"sliding_bits={self.sliding_bits} sets the bits of compressed sliding-window layers, but "
+                             f"compress_layers={self.compress_layers!r} leaves them to transformers; use "
+                             "compress_layers='all' or sliding_bits=None")
         _choice("window_dtype", self.window_dtype, WINDOW_DTYPES)
         if not 0.0 <= float(self.eviction_ratio) < 1.0:
             raise ValueError(f"eviction_ratio={self.eviction_ratio!r} must be in [0, 1)")

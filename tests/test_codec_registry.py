@@ -49,7 +49,8 @@ def test_preset_accepts_exactly_the_offered_widths(name):
     offered = CODECS[name].bits
     top = max(offered)
     for bits in offered:
-        preset = nqcompile.Preset(codec=name, key_bits=bits, value_bits=bits, boundary_bits=bits, warm_bits=top)
+        preset = nqcompile.Preset(codec=name, key_bits=bits, value_bits=bits, boundary_bits=bits, sliding_bits=bits,
+                                  warm_bits=top)
         assert preset.bytes_per_token(64) == 2 * CODECS[name].bytes_per_vector(bits, 64) + 2
         if bits - 1 in offered:
             assert preset.replace(relax_key_kl=0.01).relax_key_kl == 0.01
@@ -57,7 +58,7 @@ def test_preset_accepts_exactly_the_offered_widths(name):
             with pytest.raises(ValueError, match=f"one bit below key_bits={bits}, which codec={name!r}"):
                 preset.replace(relax_key_kl=0.01)
     for bits in (min(offered) - 1, top + 1):
-        for field in ("key_bits", "value_bits", "boundary_bits", "warm_bits"):
+        for field in ("key_bits", "value_bits", "boundary_bits", "sliding_bits", "warm_bits"):
             kw = {"codec": name, "key_bits": top, "value_bits": top, "warm_bits": top, field: bits}
             with pytest.raises(ValueError, match=f"{field}={bits} is not offered by codec={name!r}"):
                 nqcompile.Preset(**kw)

@@ -136,6 +136,7 @@ def test_a_failed_cache_is_recorded_and_fails_the_run(bench, tmp_path, monkeypat
     (["--custom", '{"k9": {"key_bits": 9}}'], "key_bits"),
     (["--models", ""], "--models is empty"),
     (["--jobs", "0"], "--jobs 0"),
+    (["--custom", '{"s4": {"sliding_bits": 4}}', "--compress-layers", "global_only"], "sliding_bits=None"),
 ])
 def test_bad_arguments_are_usage_errors(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as err:

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import nqcompile
 from nqcompile.cache import NexusLayer, SlidingLayer
+from nqcompile.cache import sliding
 from nqcompile.cache.sliding import ring_capacity
 from nqcompile.models import cache_kwarg_name
 from tiny_models import byte_level_tokenizer
@@ -127,6 +128,45 @@ def test_every_preset_runs_a_hybrid_model_by_default(preset):
         visible = (held >= 0) & (int(window_pos.max()) + 1 - held < WINDOW)
         assert int(visible.sum()) == WINDOW - 1
     assert type(cache.layers[5]) is NexusLayer
+
+
+def _ring_value_error(cache, ref_cache, layer: int) -> float:
+    """Relative RMS error of a sliding layer's ring values (decoded) against the exact values a DynamicCache holds
+    at the same positions."""
+    st = cache.layers[layer].storage
+    pos = st.code_pos[0, 0].long()
+    held = pos >= 0
+    codes = tuple(getattr(st, name) for name in ("k_codes", "k_scales", "v_codes", "v_scales"))
+    _, values = sliding._decode(st, codes, st.code_pos)
+    ref = ref_cache.layers[layer].values[0]  # [H, window - 1, D], the last window - 1 positions
+    first = PREFILL - ref.shape[1]
+    got, want = values[0][:, held].double(), ref[:, pos[held] - first].double()
+    return float((got - want).norm() / want.norm())
+
+
+def test_sliding_bits_set_the_sliding_layers_bits_only():
+    """``sliding_bits=4``: the sliding layers hold keys and values at 4 bits (their ring's values within a 4-bit
+    code's error of the exact ones, where the preset's 2-bit values are not), the full-attention layer at the
+    preset's bits; a preset that leaves sliding layers to transformers refuses it."""
+    model = _gemma()
+    ids = _ids(PREFILL)
+    ref_cache = DynamicCache(config=model.config)
+    kw = cache_kwarg_name(model)
+    opts = dict(recent_window=16, relax_key_kl=0.0)
+    nqcompile.optimize(model, "quant_only", **opts)
+    caches = {bits: nqcompile.NexusCache(model.config, "quant_only", sliding_bits=bits, **opts) for bits in (None, 4)}
+    with torch.no_grad():
+        model(ids, **{kw: ref_cache})
+        for cache in caches.values():
+            model(ids, **{kw: cache})
+    for i in range(5):
+        assert (caches[4].layers[i].key_bits, caches[4].layers[i].value_bits) == (4, 4)
+        assert (caches[None].layers[i].key_bits, caches[None].layers[i].value_bits) == (4, 2)
+        assert _ring_value_error(caches[4], ref_cache, i) < 0.15 < _ring_value_error(caches[None], ref_cache, i)
+    assert (caches[4].layers[5].key_bits, caches[4].layers[5].value_bits) == (4, 2)
+    assert caches[4].memory_report().allocated_bytes > caches[None].memory_report().allocated_bytes
+    with pytest.raises(ValueError, match="compress_layers='all' or sliding_bits=None"):
+        nqcompile.get_preset("quant_only", sliding_bits=4, compress_layers="global_only")
 
 
 def test_ring_capacity_holds_the_window_and_shrinks_with_the_tokens_to_come():

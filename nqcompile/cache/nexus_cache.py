@@ -61,9 +61,10 @@ class NexusCache(Cache):
 
     Which attention features of the config are honoured, and how, is in ``docs/models.md``: full-attention layers
     are compressed (:class:`~nqcompile.cache.layer.NexusLayer`), sliding-window layers hold their window as codes
-    (:class:`~nqcompile.cache.sliding.SlidingLayer`: the exact recent tokens and a ring of code blocks; never
-    evicted), chunked layers are compressed only when ``max_cache_len`` is at most their chunk; with
-    ``compress_layers="global_only"`` the sliding-window and chunked layers are left to transformers' own cache.
+    (:class:`~nqcompile.cache.sliding.SlidingLayer`: the exact recent tokens and a ring of code blocks, at the
+    preset's ``sliding_bits`` when set; never evicted), chunked layers are compressed only when ``max_cache_len``
+    is at most their chunk; with ``compress_layers="global_only"`` the sliding-window and chunked layers are left to
+    transformers' own cache.
 
     Raises:
         ValueError: a config feature that a compressed layer cannot honour, named in the message
@@ -90,9 +91,11 @@ class NexusCache(Cache):
                                                           self.preset.layer_budget)))
         quant_bits = None if self.preset.exact else (self.preset.key_bits, self.preset.value_bits)
         boundary_bits = None if self.preset.boundary_bits is None else (self.preset.boundary_bits,) * 2
+        sliding_bits = quant_bits if self.preset.sliding_bits is None else (self.preset.sliding_bits,) * 2
         layers = []
         for i, plan in enumerate(plans):
-            bits = boundary_bits if i in boundary else quant_bits
+            bits = boundary_bits if i in boundary else sliding_bits if plan.layer_type == "sliding_attention" \
+                else quant_bits
             if not plan.compressed:
                 layers.append(ContiguousSlidingWindowLayer(sliding_window=plan.window))
             elif plan.layer_type == "sliding_attention":
