@@ -10,9 +10,10 @@ import transformers
 from transformers import DynamicCache
 
 import nqcompile
+from nqcompile import ops
 from nqcompile.cache import NexusLayer, SlidingLayer
-from nqcompile.cache import sliding
 from nqcompile.cache.sliding import ring_capacity
+from nqcompile.codec.registry import CODECS
 from nqcompile.models import cache_kwarg_name
 from tiny_models import byte_level_tokenizer
 
@@ -136,8 +137,8 @@ def _ring_value_error(cache, ref_cache, layer: int) -> float:
     st = cache.layers[layer].storage
     pos = st.code_pos[0, 0].long()
     held = pos >= 0
-    codes = tuple(getattr(st, name) for name in ("k_codes", "k_scales", "v_codes", "v_scales"))
-    _, values = sliding._decode(st, codes, st.code_pos)
+    _, values = ops.dequant_kv(st.k_codes, st.k_scales, st.v_codes, st.v_scales, st.code_pos.long(),
+                               *st.codec.as_op_args())
     ref = ref_cache.layers[layer].values[0]  # [H, window - 1, D], the last window - 1 positions
     first = PREFILL - ref.shape[1]
     got, want = values[0][:, held].double(), ref[:, pos[held] - first].double()
@@ -164,7 +165,11 @@ def test_sliding_bits_set_the_sliding_layers_bits_only():
         assert (caches[None].layers[i].key_bits, caches[None].layers[i].value_bits) == (4, 2)
         assert _ring_value_error(caches[4], ref_cache, i) < 0.15 < _ring_value_error(caches[None], ref_cache, i)
     assert (caches[4].layers[5].key_bits, caches[4].layers[5].value_bits) == (4, 2)
-    assert caches[4].memory_report().allocated_bytes > caches[None].memory_report().allocated_bytes
+    # the same ring slots, each value 4 bits instead of 2 (one KV head of 64)
+    ring_slots = sum(caches[4].layers[i].storage.capacity for i in range(5))
+    assert ring_slots == sum(caches[None].layers[i].storage.capacity for i in range(5))
+    added = caches[4].memory_report().allocated_bytes - caches[None].memory_report().allocated_bytes
+    assert added == ring_slots * (CODECS["e8"].bytes_per_vector(4, 64) - CODECS["e8"].bytes_per_vector(2, 64))
     with pytest.raises(ValueError, match="compress_layers='all' or sliding_bits=None"):
         nqcompile.get_preset("quant_only", sliding_bits=4, compress_layers="global_only")
 
@@ -235,8 +240,7 @@ def test_the_decode_kernel_takes_a_sliding_decode_step(monkeypatch):
     is one the Triton decode kernel runs (on CPU under Triton's interpreter), with the torch reference's output."""
     pytest.importorskip("triton")
     from nqcompile.ops import cuda as ops_cuda
-    from nqcompile.cache import sliding
-
+    
     small = dict(recent_window=16, warm_tokens=16)  # the full-attention layer then passes code slots
     model = nqcompile.optimize(_gemma(), "asym", **small)
     kw = cache_kwarg_name(model)
