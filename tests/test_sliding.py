@@ -239,8 +239,8 @@ def test_the_decode_kernel_takes_a_sliding_decode_step(monkeypatch):
     """The attention call of a sliding layer's decode step (no code slot; the ring decoded into the exact segment)
     is one the Triton decode kernel runs (on CPU under Triton's interpreter), with the torch reference's output."""
     pytest.importorskip("triton")
-    from nqcompile.cache import sliding
     from nqcompile.ops import cuda as ops_cuda
+    from nqcompile.cache import sliding
 
     small = dict(recent_window=16, warm_tokens=16)  # the full-attention layer then passes code slots
     model = nqcompile.optimize(_gemma(), "asym", **small)
